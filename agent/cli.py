@@ -1,0 +1,256 @@
+"""Argument parsing and human/JSON output for every verb.
+
+Owns: the CLI contract of DESIGN.md (verbs, --config, --json, exit codes: 0 ok,
+1 failed/not trusted, 2 bad usage or config) and turning AgentError into one clear
+line on stderr, never a traceback.
+Must not: do any verb's work itself; imports are lazy so start-up stays lean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .errors import AgentError, UsageError
+
+DEFAULT_CONFIG = "/etc/gitops-agent/agent.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit 2 with one line, like the contract says
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=os.environ.get("GITOPS_AGENT_CONFIG", DEFAULT_CONFIG),
+                        help="agent.yaml (default %(default)s)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    p = _Parser(prog="gitops-agent", description="Pull-based GitOps agent for hosts.")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("apply", parents=[common], help="run one full cycle in the foreground")
+    a.add_argument("--dry-run", action="store_true", help="plan only, change nothing")
+    a.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another cycle's lock instead of failing")
+    sub.add_parser("plan", parents=[common], help="what a cycle would change now")
+    r = sub.add_parser("render", parents=[common], help="desired state of one host, offline")
+    r.add_argument("--repo", required=True)
+    r.add_argument("--rev", default="HEAD")
+    r.add_argument("--host", required=True)
+    r.add_argument("--label", action="append", default=[], metavar="K=V")
+    h = sub.add_parser("history", parents=[common], help="past cycles, newest last")
+    h.add_argument("-n", type=int, default=20, help="how many (0 = all)")
+    v = sub.add_parser("verify", parents=[common], help="trust verdict of one commit")
+    v.add_argument("--repo", required=True)
+    v.add_argument("--rev", required=True)
+    v.add_argument("--allowed-signers")
+    v.add_argument("--gpg-keyring")
+    v.add_argument("--revoked-keys")
+    sub.add_parser("run", parents=[common], help="the daemon (systemd ExecStart)")
+    sub.add_parser("status", parents=[common], help="the running agent's status")
+    s = sub.add_parser("sync", parents=[common], help="ask the daemon for a cycle now")
+    s.add_argument("--wait", action="store_true", help="wait for the cycle's result")
+    pa = sub.add_parser("pause", parents=[common], help="stop converging (persisted)")
+    pa.add_argument("--reason", default="")
+    sub.add_parser("resume", parents=[common], help="converge again after pause")
+    f = sub.add_parser("fleet", parents=[common], help="fleet views")
+    fs = f.add_subparsers(dest="fleet_verb", required=True, parser_class=_Parser)
+    st = fs.add_parser("status", parents=[common], help="aggregate the fleet's reports")
+    st.add_argument("--reports", required=True)
+    st.add_argument("--repo")
+    st.add_argument("--branch", default="main")
+    st.add_argument("--stale", default="15m", help="a report older than this is stale")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    from .logs import setup
+
+    setup(logging.DEBUG if verbose else logging.INFO)
+
+
+def _print(data: Any, as_json: bool, human: str) -> None:
+    if as_json:
+        json.dump(data, sys.stdout, indent=1, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(human)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import load_file
+
+    return load_file(args.config)
+
+
+# --- verbs -----------------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace, plan_only: bool = False) -> int:
+    from .cycle import run_cycle
+
+    cfg = _config(args)
+    dry = plan_only or getattr(args, "dry_run", False)
+    result, _plan = run_cycle(cfg, dry_run=dry, lock_wait=getattr(args, "wait", 0.0))
+    _print(result.to_json(), args.json, _human_cycle(result, dry))
+    if dry:
+        return 1 if result.errors or result.failed else 0
+    return 0 if result.state in ("converged", "offline") else 1
+
+
+def _human_cycle(result: Any, dry: bool) -> str:
+    out = []
+    for w in result.warnings:
+        out.append(f"WARNING: {w}\n")
+    if result.offline:
+        out.append(f"offline: every source URL failed: {result.offline_reason}\n")
+    if result.rejected:
+        out.append(f"rejected: {result.rejected}\n")
+    for c in result.changes:
+        if not (c.changed or c.failed):
+            continue
+        verb = "FAILED" if c.failed else ("would " + c.action if dry else c.action)
+        out.append(f"{verb} {c.id}: {c.msg}\n")
+        if c.diff:
+            out.append("".join(f"    {line}\n" for line in c.diff.rstrip("\n").split("\n")))
+    for e in result.errors:
+        out.append(f"error: {e}\n")
+    commit = (result.commit or "-")[:12]
+    if dry:
+        n = sum(1 for c in result.changes if c.changed)
+        out.append(f"plan @{commit}: {n} to change, {result.failed} failing\n")
+    else:
+        took = result.finished - result.started
+        out.append(f"{result.state} @{commit}: {result.changed} changed, {result.failed} failed "
+                   f"({took:.2f}s{', no drift' if result.fast_path else ''})\n")
+    return "".join(out)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from . import facts
+    from .config import LimitsConfig
+    from .render import render
+    from .source import open_repo
+
+    labels = {}
+    for kv in args.label:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise UsageError(f"render: --label takes K=V, got {kv!r}")
+        labels[k] = v
+    repo = open_repo(args.repo)
+    commit = repo.resolve(args.rev)
+    desired = render(repo.tree(commit, LimitsConfig()), args.host, labels,
+                     facts.static(args.host))
+    data = desired.to_json()
+    lines = [f"host {desired.host} @{commit[:12]}: roles {', '.join(desired.roles) or '-'}\n"]
+    for res in desired.resources:
+        lines.append(f"{res.identity}  ({res.origin})\n")
+        spec = {k: v for k, v in res.spec.items() if v is not None}
+        if spec:
+            lines.append(f"    {json.dumps(spec, sort_keys=True)}\n")
+        if res.content is not None:
+            try:
+                text = res.content.decode()
+                lines.append("".join(f"    | {line}\n" for line in text.splitlines()))
+            except UnicodeDecodeError:
+                lines.append(f"    ({len(res.content)} bytes of binary content)\n")
+    _print(data, args.json, "".join(lines))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import time
+
+    from .state import StateDir
+
+    cfg = _config(args)
+    entries = StateDir(cfg.state_dir).history(args.n)
+    lines = []
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("started", 0)))
+        took = e.get("finished", 0) - e.get("started", 0)
+        extra = " offline" if e.get("offline") else ""
+        extra += f" rejected: {e['rejected']}" if e.get("rejected") else ""
+        lines.append(f"{when}  {(e.get('commit') or '-')[:12]:12}  {e.get('result'):9}  "
+                     f"{e.get('changed', 0)} changed {e.get('failed', 0)} failed  "
+                     f"{took:.2f}s{extra}\n")
+    _print(entries, args.json, "".join(lines) or "no cycles yet\n")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .source import open_repo
+    from .trust import Verifier
+
+    if not args.allowed_signers and not args.gpg_keyring:
+        raise UsageError("verify: give --allowed-signers FILE and/or --gpg-keyring FILE")
+    for path in (args.allowed_signers, args.gpg_keyring, args.revoked_keys):
+        if path and not os.path.isfile(path):
+            raise UsageError(f"verify: {path} does not exist")
+    repo = open_repo(args.repo)
+    commit = repo.resolve(args.rev)
+    v = Verifier(args.allowed_signers, args.gpg_keyring, args.revoked_keys).verify(
+        repo.raw_commit(commit), commit)
+    human = (f"good: {commit[:12]} signed by {v.signer} ({v.key})\n" if v.good
+             else f"bad: {v.reason}\n")
+    _print(v.to_json(), args.json, human)
+    return 0 if v.good else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import main as daemon_main
+
+    return daemon_main(args.config)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from .control import client_verb
+
+    cfg = _config(args)
+    return client_verb(cfg, args)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from .report import fleet_status_cli
+
+    return fleet_status_cli(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        _setup_logging(args.verbose)
+        verb = args.verb
+        if verb == "apply":
+            return cmd_apply(args)
+        if verb == "plan":
+            return cmd_apply(args, plan_only=True)
+        if verb == "render":
+            return cmd_render(args)
+        if verb == "history":
+            return cmd_history(args)
+        if verb == "verify":
+            return cmd_verify(args)
+        if verb == "run":
+            return cmd_run(args)
+        if verb == "fleet":
+            return cmd_fleet(args)
+        return cmd_control(args)
+    except AgentError as e:
+        print(f"gitops-agent: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

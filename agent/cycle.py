@@ -1,0 +1,225 @@
+"""One reconcile cycle: fetch → verify → render → plan → converge → record.
+
+Owns: the order of the stages and what each outcome means for last good (the
+mediator; no stage module knows about another). The daemon and `apply` both call
+run_cycle(); it is blocking and runs in a worker thread under the daemon.
+Must not: parse, verify or write anything itself; each stage's module does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .errors import AgentError, RenderError, SourceError, TrustError
+from .resources import Change
+
+log = logging.getLogger("agent.cycle")
+
+
+@dataclass
+class CycleResult:
+    started: float
+    finished: float = 0.0
+    state: str = "failed"  # converged | failed | offline | rejected | planned
+    commit: str | None = None
+    tip: str | None = None
+    signer: str | None = None
+    offline: bool = False
+    offline_reason: str = ""
+    rejected: str = ""
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    last_good: str | None = None
+    fast_path: bool = False
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for c in self.changes if c.changed and not c.failed)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for c in self.changes if c.failed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.failed
+
+    def to_json(self, with_changes: bool = True) -> dict[str, Any]:
+        out = {"started": self.started, "finished": self.finished, "state": self.state,
+               "commit": self.commit, "tip": self.tip, "signer": self.signer,
+               "offline": self.offline, "offline_reason": self.offline_reason,
+               "rejected": self.rejected, "warnings": self.warnings, "errors": self.errors,
+               "changed": self.changed, "failed": self.failed, "last_good": self.last_good,
+               "fast_path": self.fast_path}
+        if with_changes:
+            out["changes"] = [c.to_json() for c in self.changes]
+        return out
+
+
+def render_key(commit: str, host: str, labels: dict[str, str], facts_digest: str) -> str:
+    blob = json.dumps([commit, host, sorted(labels.items()), facts_digest, __version__])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def host_identity(cfg: Config) -> tuple[str, dict[str, str]]:
+    import socket
+
+    return cfg.host.name or socket.gethostname(), dict(cfg.host.labels)
+
+
+def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
+              lock_wait: float = 0.0, should_stop: Callable[[], bool] = lambda: False
+              ) -> tuple[CycleResult, Any]:
+    """Run one cycle. Returns the result and, for dry runs, the Plan."""
+    from .state import StateDir
+
+    state = StateDir(cfg.state_dir)
+    state.lock(wait=lock_wait)
+    try:
+        return _run(cfg, state, dry_run, fetch, should_stop)
+    finally:
+        state.unlock()
+
+
+def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
+         should_stop: Callable[[], bool]) -> tuple[CycleResult, Any]:
+    from .source import LAST_GOOD_REF, Mirror
+
+    result = CycleResult(started=time.time())
+    st = state.load_state()
+    manifest = state.load_manifest()
+    last_good = st.get("last_good")
+    result.last_good = last_good
+    mirror = Mirror(state.mirror_path, cfg.source)
+
+    # fetch
+    tip = None
+    if fetch:
+        fetched = mirror.fetch()
+        tip = fetched.tip
+        if fetched.offline:
+            result.offline = True
+            result.offline_reason = "; ".join(fetched.errors)
+    else:
+        tip = last_good
+    result.tip = tip
+
+    # verify: only a trusted commit's tree is ever read
+    target = None
+    if tip is not None:
+        from . import trust
+
+        try:
+            verdict = trust.gate(cfg.trust, mirror, state, tip, st)
+            target = tip
+            result.signer = verdict.signer
+            result.warnings.extend(verdict.warnings)
+        except TrustError as e:
+            result.rejected = str(e)
+            log.error("verify: %s", e, extra={"COMMIT": tip, "STAGE": "verify"})
+    if target is None:
+        if last_good and mirror.has_commit(last_good):
+            target = last_good
+            result.signer = st.get("last_good_signer")
+            why = result.rejected or result.offline_reason
+            log.warning("cycle: converging last good %s (%s)", last_good[:12], why,
+                        extra={"COMMIT": last_good, "STAGE": "fetch"})
+        else:
+            result.errors.append(result.rejected or
+                                 f"offline with no last good revision to converge: "
+                                 f"{result.offline_reason}")
+            result.state = "rejected" if result.rejected else "failed"
+            return _finish(cfg, state, result, st, None, dry_run), None
+    result.commit = target
+
+    # render (skipped on the fast path: same commit, same host, nothing drifted)
+    from . import facts as facts_mod
+    from .converge import Converger, clean
+    from .host import Host
+
+    host = Host(cfg.root)
+    name, labels = host_identity(cfg)
+    facts = facts_mod.gather()
+    key = render_key(target, name, labels, facts.digest())
+    now = time.time()
+    if (not dry_run and manifest.get("commit") == target and manifest.get("render_key") == key
+            and now - manifest.get("full_check_at", 0) < cfg.full_check
+            and clean(manifest, host)):
+        result.fast_path = True
+        result.state = _final_state(result)
+        return _finish(cfg, state, result, st, None, dry_run), None
+
+    from .render import render
+
+    try:
+        desired = render(mirror.tree(target, cfg.limits), name, labels, facts)
+    except (RenderError, SourceError) as e:
+        result.errors.append(str(e))
+        log.error("%s", e, extra={"COMMIT": target, "STAGE": "render"})
+        return _finish(cfg, state, result, st, None, dry_run), None
+
+    conv = Converger(host, state, manifest)
+    plan = conv.plan(desired)
+    if dry_run:
+        result.changes = plan.changes
+        result.state = "planned"
+        return _finish(cfg, state, result, st, None, dry_run), plan
+
+    changes, new_resources = conv.converge(plan, should_stop)
+    result.changes = changes
+    state.save_manifest({"commit": target, "render_key": key, "full_check_at": now,
+                         "host": name, "resources": new_resources})
+    if result.ok:
+        if target != last_good:
+            st["last_good"] = target
+            st["last_good_time"] = time.time()
+            st["last_good_signer"] = result.signer
+            st["last_good_committer_time"] = mirror.repo[target].commit_time
+            mirror.set_ref(LAST_GOOD_REF, target)
+        result.last_good = target
+    result.state = _final_state(result)
+    return _finish(cfg, state, result, st, target, dry_run), plan
+
+
+def _final_state(result: CycleResult) -> str:
+    if not result.ok:
+        return "failed"
+    if result.rejected:
+        return "rejected"
+    if result.offline:
+        return "offline"
+    return "converged"
+
+
+def _finish(cfg: Config, state: Any, result: CycleResult, st: dict, applied: str | None,
+            dry_run: bool) -> CycleResult:
+    result.finished = time.time()
+    if dry_run:
+        return result
+    st["last_cycle"] = {"commit": result.commit, "state": result.state,
+                        "finished": result.finished}
+    try:
+        state.save_state(st)
+        state.append_history({
+            "commit": result.commit, "tip": result.tip, "started": result.started,
+            "finished": result.finished, "result": result.state, "changed": result.changed,
+            "failed": result.failed, "offline": result.offline, "rejected": result.rejected,
+            "errors": result.errors, "fast_path": result.fast_path,
+        })
+    except (AgentError, OSError) as e:
+        result.errors.append(f"state: recording the cycle failed: {e}")
+        result.state = "failed"
+    summary = (f"cycle: {result.state} @{(result.commit or '-')[:7]}: {result.changed} changed, "
+               f"{result.failed} failed in {result.finished - result.started:.2f}s")
+    (log.info if result.ok else log.error)(summary, extra={"COMMIT": result.commit or "",
+                                                          "STAGE": "record"})
+    return result

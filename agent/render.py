@@ -1,0 +1,480 @@
+"""Fleet repo + host → DesiredState. Pure: reads only the commit's tree.
+
+Owns: the fleet repo format (fleet.yaml groups, roles/NAME.yaml, hosts/NAME.yaml,
+files/), vars precedence, the Jinja2 sandbox (StrictUndefined, templates loaded only
+from the commit's tree), resource identities `kind[name]`, and conflict detection
+between two places that declare the same identity differently.
+Must not: touch the host, the network or the clock. The same inputs always give
+the same DesiredState, so `gitops-agent render` on a laptop previews a host exactly.
+
+Vars precedence, lowest first: role `vars` (in role order), fleet `vars`, group
+`vars` (in file order), host file `vars`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RenderError, TreeError
+from .facts import Facts
+from .source import TreeReader
+from .yamlsrc import LineDict, YamlError, load
+
+FILE_KINDS = ("file", "directory", "symlink")
+_FILE_KEYS = {"content", "template", "source", "type", "target", "mode", "owner", "group",
+              "state", "notify"}
+_ROLE_KEYS = {"vars", "files", "packages", "units", "services"}
+_HOST_KEYS = _ROLE_KEYS | {"roles"}
+_GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars"}
+_FLEET_KEYS = {"vars", "groups"}
+_UNIT_KEYS = {"content", "template", "source", "notify"}
+_SERVICE_KEYS = {"enabled", "active", "masked", "reload"}
+_PACKAGE_STATES = ("present", "absent", "latest")
+
+
+@dataclass
+class Resource:
+    kind: str
+    name: str
+    spec: dict[str, Any]
+    origin: str
+    content: bytes | None = None
+
+    @property
+    def identity(self) -> str:
+        return f"{self.kind}[{self.name}]"
+
+    @property
+    def notify(self) -> tuple[str, ...]:
+        return tuple(self.spec.get("notify", ()))
+
+    def digest(self) -> str:
+        """Changes when anything about the desired state of this resource changes."""
+        h = hashlib.sha256(json.dumps([self.kind, self.name, self.spec], sort_keys=True,
+                                      default=str).encode())
+        if self.content is not None:
+            h.update(b"\0")
+            h.update(self.content)
+        return h.hexdigest()
+
+    def to_json(self, with_content: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.identity, "kind": self.kind, "name": self.name,
+                               "origin": self.origin, "spec": self.spec}
+        if self.content is not None:
+            out["sha256"] = hashlib.sha256(self.content).hexdigest()
+            if with_content:
+                try:
+                    out["content"] = self.content.decode()
+                except UnicodeDecodeError:
+                    out["content_base64"] = __import__("base64").b64encode(self.content).decode()
+        return out
+
+
+@dataclass
+class DesiredState:
+    host: str
+    commit: str
+    roles: list[str]
+    vars: dict[str, Any]
+    resources: list[Resource] = field(default_factory=list)
+
+    def by_id(self) -> dict[str, Resource]:
+        return {r.identity: r for r in self.resources}
+
+    def to_json(self, with_content: bool = True) -> dict[str, Any]:
+        return {"host": self.host, "commit": self.commit, "roles": self.roles,
+                "vars": self.vars, "resources": [r.to_json(with_content) for r in self.resources]}
+
+
+class _TreeLoader:
+    """A Jinja2 loader that reads only `files/` of the commit being rendered."""
+
+    def __init__(self, tree: TreeReader) -> None:
+        self.tree = tree
+
+    def make(self) -> Any:
+        import jinja2
+
+        tree = self.tree
+
+        class Loader(jinja2.BaseLoader):
+            def get_source(self, environment: Any, template: str) -> tuple[str, str, Any]:
+                path = f"files/{template}"
+                try:
+                    data = tree.read(path)
+                except TreeError as e:
+                    raise jinja2.TemplateNotFound(f"{template} ({e})") from None
+                try:
+                    return data.decode(), path, lambda: True
+                except UnicodeDecodeError:
+                    raise jinja2.TemplateNotFound(f"{template} is not UTF-8 text") from None
+
+        return Loader()
+
+
+class Renderer:
+    def __init__(self, tree: TreeReader, host: str, labels: dict[str, str], facts: Facts) -> None:
+        self.tree = tree
+        self.host = host
+        self.labels = labels
+        self.facts = facts
+        self._env: Any = None
+
+    # --- loading ---------------------------------------------------------------------
+
+    def _yaml(self, path: str, required: bool = True) -> LineDict | None:
+        try:
+            if not self.tree.is_file(path):
+                if required:
+                    raise RenderError(f"render: {path} is missing from commit "
+                                      f"{self.tree.commit[:12]}")
+                return None
+            text = self.tree.read(path)
+        except TreeError as e:
+            raise RenderError(f"render: {e}") from None
+        try:
+            data = load(text, path)
+        except YamlError as e:
+            raise RenderError(f"render: {e} ({e.location})") from None
+        if data is None:
+            return LineDict(path, 1)
+        if not isinstance(data, LineDict):
+            raise RenderError(f"render: {path} must be a mapping at the top ({path}:1)")
+        return data
+
+    @staticmethod
+    def _keys(data: LineDict, allowed: set[str], what: str) -> None:
+        for key in data:
+            if key not in allowed:
+                raise RenderError(f"render: unknown key {key!r} in {what}; allowed: "
+                                  f"{', '.join(sorted(allowed))} ({data.where(key)})")
+
+    @staticmethod
+    def _typed(data: LineDict, key: str, types: type | tuple, what: str) -> Any:
+        value = data.get(key)
+        if value is not None and not isinstance(value, types):
+            names = types.__name__ if isinstance(types, type) else "/".join(
+                t.__name__ for t in types)
+            names = names.replace("LineDict", "mapping").replace("dict", "mapping")
+            raise RenderError(f"render: {what}.{key} must be a {names}, got "
+                              f"{type(value).__name__} ({data.where(key)})")
+        return value
+
+    # --- the whole render --------------------------------------------------------------
+
+    def render(self) -> DesiredState:
+        try:
+            self.tree.check()
+        except TreeError as e:
+            raise RenderError(f"render: {e}") from None
+        fleet = self._yaml("fleet.yaml")
+        assert fleet is not None
+        self._keys(fleet, _FLEET_KEYS, "fleet.yaml")
+        fleet_vars = self._typed(fleet, "vars", dict, "fleet.yaml") or {}
+        groups = self._typed(fleet, "groups", list, "fleet.yaml") or []
+
+        roles: list[tuple[str, str]] = []  # (role, where it was asked for)
+        group_vars: list[dict] = []
+        for i, group in enumerate(groups):
+            if not isinstance(group, LineDict):
+                raise RenderError(f"render: fleet.yaml groups[{i}] must be a mapping "
+                                  f"({fleet.where('groups')})")
+            if self._matches(group, i):
+                for r in self._typed(group, "roles", list, f"groups[{i}]") or []:
+                    roles.append((r, group.where("roles")))
+                group_vars.append(self._typed(group, "vars", dict, f"groups[{i}]") or {})
+
+        host_file = f"hosts/{self.host}.yaml"
+        host_doc = self._yaml(host_file, required=False)
+        host_vars: dict = {}
+        if host_doc is not None:
+            self._keys(host_doc, _HOST_KEYS, host_file)
+            for r in self._typed(host_doc, "roles", list, host_file) or []:
+                roles.append((r, host_doc.where("roles")))
+            host_vars = self._typed(host_doc, "vars", dict, host_file) or {}
+
+        role_docs: list[tuple[str, LineDict]] = []
+        seen = set()
+        for role, asked in roles:
+            if not isinstance(role, str) or not role or "/" in role or role.startswith("."):
+                raise RenderError(f"render: role name {role!r} is not a plain name ({asked})")
+            if role in seen:
+                continue
+            seen.add(role)
+            path = f"roles/{role}.yaml"
+            doc = self._yaml(path, required=False)
+            if doc is None:
+                raise RenderError(f"render: role {role!r} has no file {path} ({asked})")
+            self._keys(doc, _ROLE_KEYS, path)
+            role_docs.append((path, doc))
+
+        merged: dict[str, Any] = {}
+        for path, doc in role_docs:
+            merged.update(self._typed(doc, "vars", dict, path) or {})
+        merged.update(fleet_vars)
+        for gv in group_vars:
+            merged.update(gv)
+        merged.update(host_vars)
+        merged = _plain(merged)
+
+        state = DesiredState(self.host, self.tree.commit, [r for r, _ in roles if r in seen],
+                             merged)
+        declared: dict[str, tuple[Resource, str]] = {}
+        sources = list(role_docs) + ([(host_file, host_doc)] if host_doc is not None else [])
+        for path, doc in sources:
+            for res in self._resources(path, doc, merged):
+                key = f"path[{res.name}]" if res.kind in FILE_KINDS else res.identity
+                if key in declared:
+                    other, other_where = declared[key]
+                    if other.digest() != res.digest():
+                        raise RenderError(
+                            f"render: {res.identity} is declared differently in two places: "
+                            f"{other_where} and {res.origin}; declare it once, or identically")
+                    continue
+                declared[key] = (res, res.origin)
+                state.resources.append(res)
+        return state
+
+    def _matches(self, group: LineDict, i: int) -> bool:
+        self._keys(group, _GROUP_KEYS, f"fleet.yaml groups[{i}]")
+        globs = self._typed(group, "hosts", list, f"groups[{i}]")
+        labels = self._typed(group, "labels", dict, f"groups[{i}]")
+        if globs is not None and not any(fnmatch.fnmatchcase(self.host, str(g)) for g in globs):
+            return False
+        return not labels or all(
+            self.labels.get(str(k)) == _label(v) for k, v in labels.items())
+
+    # --- resources ---------------------------------------------------------------------
+
+    def _resources(self, path: str, doc: LineDict, variables: dict) -> list[Resource]:
+        out: list[Resource] = []
+        files = self._typed(doc, "files", dict, path) or {}
+        for target, spec in files.items():
+            out.append(self._file(path, files, target, spec, variables))
+        packages = self._typed(doc, "packages", dict, path) or {}
+        for name, spec in packages.items():
+            out.append(self._package(packages, name, spec))
+        units = self._typed(doc, "units", dict, path) or {}
+        for name, spec in units.items():
+            out.append(self._unit(units, name, spec, variables))
+        services = self._typed(doc, "services", dict, path) or {}
+        for name, spec in services.items():
+            out.append(self._service(services, name, spec))
+        return out
+
+    def _file(self, path: str, parent: LineDict, target: Any, spec: Any,
+              variables: dict) -> Resource:
+        where = parent.where(target)
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise RenderError(f"render: file target {target!r} must be an absolute path ({where})")
+        if ".." in target.split("/") or "\0" in target:
+            raise RenderError(f"render: file target {target} contains '..' ({where})")
+        target = "/" + "/".join(p for p in target.split("/") if p and p != ".")
+        if not isinstance(spec, dict):
+            raise RenderError(f"render: file[{target}] must be a mapping of options ({where})")
+        self._keys(spec, _FILE_KEYS, f"file[{target}]")
+        state = spec.get("state", "present")
+        if state not in ("present", "absent"):
+            raise RenderError(f"render: file[{target}].state must be present or absent "
+                              f"({spec.where('state')})")
+        kind = spec.get("type", "file")
+        if kind not in FILE_KINDS:
+            raise RenderError(f"render: file[{target}].type must be file, directory or "
+                              f"symlink, got {kind!r} ({spec.where('type')})")
+        norm: dict[str, Any] = {"state": state}
+        for key in ("owner", "group"):
+            if key in spec:
+                v = spec[key]
+                if isinstance(v, bool) or not isinstance(v, str | int):
+                    raise RenderError(f"render: file[{target}].{key} must be a name or id "
+                                      f"({spec.where(key)})")
+                norm[key] = str(v)
+        if "mode" in spec:
+            norm["mode"] = _mode(spec["mode"], f"file[{target}].mode", spec.where("mode"))
+        if "notify" in spec:
+            norm["notify"] = _names(spec["notify"], f"file[{target}].notify", spec.where("notify"))
+        content = None
+        sources = [k for k in ("content", "template", "source") if k in spec]
+        if state == "absent":
+            extra = sources + [k for k in ("target", "mode", "owner", "group") if k in spec]
+            if extra:
+                raise RenderError(f"render: file[{target}] is absent but sets {extra[0]} "
+                                  f"({spec.where(extra[0])})")
+        elif kind == "file":
+            if len(sources) != 1 or "target" in spec:
+                raise RenderError(f"render: file[{target}] needs exactly one of content, "
+                                  f"template or source ({where})")
+            content = self._content(spec, sources[0], f"file[{target}]", variables)
+            norm[sources[0]] = spec[sources[0]] if sources[0] != "content" else None
+        elif kind == "directory":
+            if sources or "target" in spec:
+                raise RenderError(f"render: directory {target} takes no content or target "
+                                  f"({where})")
+        elif kind == "symlink":
+            if sources or not isinstance(spec.get("target"), str) or not spec["target"]:
+                raise RenderError(f"render: symlink {target} needs target: and no content "
+                                  f"({where})")
+            norm["target"] = spec["target"]
+            for key in ("mode", "owner", "group"):
+                norm.pop(key, None)
+        return Resource(kind if state == "present" else "file", target, norm, where, content)
+
+    def _content(self, spec: LineDict, key: str, ident: str, variables: dict) -> bytes:
+        value = spec[key]
+        where = spec.where(key)
+        if not isinstance(value, str):
+            raise RenderError(f"render: {ident}.{key} must be a string ({where})")
+        if key == "content":
+            return value.encode()
+        rel = value
+        if rel.startswith("/") or ".." in rel.split("/") or "" in rel.split("/"):
+            raise RenderError(f"render: {ident}.{key} {value!r} escapes files/: it must be a "
+                              f"relative path under files/ ({where})")
+        path = f"files/{rel}"
+        try:
+            if key == "source":
+                return self.tree.read(path)
+            if not self.tree.is_file(path):
+                raise RenderError(f"render: {ident}.template {path} does not exist ({where})")
+        except TreeError as e:
+            raise RenderError(f"render: {ident}.{key}: {e} ({where})") from None
+        return self._template(rel, ident, where, variables).encode()
+
+    def _template(self, rel: str, ident: str, where: str, variables: dict) -> str:
+        import jinja2
+
+        if self._env is None:
+            from jinja2.sandbox import SandboxedEnvironment
+
+            self._env = SandboxedEnvironment(
+                loader=_TreeLoader(self.tree).make(), undefined=jinja2.StrictUndefined,
+                keep_trailing_newline=True, autoescape=False)
+        context = {**variables, "host": {"name": self.host, "labels": dict(self.labels)},
+                   "facts": self.facts.as_dict()}
+        try:
+            return self._env.get_template(rel).render(context)
+        except jinja2.TemplateSyntaxError as e:
+            raise RenderError(f"render: template syntax error in {e.filename or 'files/' + rel}:"
+                              f"{e.lineno}: {e.message} (used by {ident} at {where})") from None
+        except jinja2.TemplateNotFound as e:
+            raise RenderError(f"render: template not found: {e.message} (used by {ident} at "
+                              f"{where})") from None
+        except jinja2.UndefinedError as e:
+            line = _template_line(e, f"files/{rel}")
+            raise RenderError(f"render: undefined variable in files/{rel}{line}: {e.message} "
+                              f"(used by {ident} at {where})") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise RenderError(f"render: unsafe template files/{rel}: {e} (used by {ident} at "
+                              f"{where})") from None
+        except Exception as e:  # a template may raise anything (a filter on bad data)
+            line = _template_line(e, f"files/{rel}")
+            raise RenderError(f"render: template files/{rel}{line} failed: "
+                              f"{type(e).__name__}: {e} (used by {ident} at {where})") from None
+
+    def _package(self, parent: LineDict, name: Any, spec: Any) -> Resource:
+        where = parent.where(name)
+        if not isinstance(name, str) or not name or name.startswith("-") or " " in name:
+            raise RenderError(f"render: package name {name!r} is not valid ({where})")
+        norm: dict[str, Any]
+        if isinstance(spec, str):
+            if spec not in _PACKAGE_STATES:
+                raise RenderError(f"render: package[{name}] must be present, absent or latest, "
+                                  f"or a mapping with version ({where})")
+            norm = {"state": spec}
+        elif isinstance(spec, LineDict):
+            self._keys(spec, {"state", "version", "notify"}, f"package[{name}]")
+            norm = {"state": spec.get("state", "present")}
+            if norm["state"] not in _PACKAGE_STATES:
+                raise RenderError(f"render: package[{name}].state must be one of "
+                                  f"{', '.join(_PACKAGE_STATES)} ({spec.where('state')})")
+            if "version" in spec:
+                norm["version"] = str(spec["version"])
+            if "notify" in spec:
+                norm["notify"] = _names(spec["notify"], f"package[{name}].notify",
+                                        spec.where("notify"))
+        else:
+            raise RenderError(f"render: package[{name}] must be a state or a mapping ({where})")
+        return Resource("package", name, norm, where)
+
+    def _unit(self, parent: LineDict, name: Any, spec: Any, variables: dict) -> Resource:
+        where = parent.where(name)
+        if not isinstance(name, str) or "/" in name.replace(".d/", "", 1) or ".." in name:
+            raise RenderError(f"render: unit name {name!r} is not a unit file or drop-in "
+                              f"(like app.service or app.service.d/override.conf) ({where})")
+        if not isinstance(spec, LineDict):
+            raise RenderError(f"render: unit[{name}] must be a mapping ({where})")
+        self._keys(spec, _UNIT_KEYS, f"unit[{name}]")
+        sources = [k for k in ("content", "template", "source") if k in spec]
+        if len(sources) != 1:
+            raise RenderError(f"render: unit[{name}] needs exactly one of content, template "
+                              f"or source ({where})")
+        norm: dict[str, Any] = {sources[0]: spec[sources[0]] if sources[0] != "content" else None}
+        if "notify" in spec:
+            norm["notify"] = _names(spec["notify"], f"unit[{name}].notify", spec.where("notify"))
+        content = self._content(spec, sources[0], f"unit[{name}]", variables)
+        return Resource("unit", name, norm, where, content)
+
+    def _service(self, parent: LineDict, name: Any, spec: Any) -> Resource:
+        where = parent.where(name)
+        if not isinstance(name, str) or "/" in name or not name:
+            raise RenderError(f"render: service name {name!r} is not valid ({where})")
+        if not isinstance(spec, LineDict):
+            raise RenderError(f"render: service[{name}] must be a mapping ({where})")
+        self._keys(spec, _SERVICE_KEYS, f"service[{name}]")
+        norm = {}
+        for key in _SERVICE_KEYS:
+            if key in spec:
+                if not isinstance(spec[key], bool):
+                    raise RenderError(f"render: service[{name}].{key} must be true or false "
+                                      f"({spec.where(key)})")
+                norm[key] = spec[key]
+        if "." not in name:
+            name = f"{name}.service"
+        return Resource("service", name, norm, where)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _label(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _mode(value: Any, what: str, where: str) -> str:
+    if isinstance(value, str) and value.isdigit() and all(c in "01234567" for c in value) \
+            and len(value) <= 4 and int(value, 8) <= 0o7777:
+        return f"{int(value, 8):04o}"
+    raise RenderError(f"render: {what} must be a quoted octal string like \"0644\", got "
+                      f"{value!r} (an unquoted 0644 is read by YAML as a number) ({where})")
+
+
+def _names(value: Any, what: str, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise RenderError(f"render: {what} must be a list of service names ({where})")
+    return [v if "." in v else f"{v}.service" for v in value]
+
+
+def _template_line(e: BaseException, filename: str) -> str:
+    """Jinja rewrites tracebacks so template frames carry the template's name and line."""
+    tb = e.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f":{line}" if line else ""
+
+
+def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts) -> DesiredState:
+    return Renderer(tree, host, labels, facts).render()

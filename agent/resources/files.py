@@ -1,0 +1,291 @@
+"""file, directory and symlink resources under the root prefix.
+
+check() observes with lstat/read and says what would change, with a unified diff;
+apply() re-observes and converges in one step. A file that existed before the agent
+first managed it is backed up to state_dir (content, mode, owner) so that pruning
+restores it instead of deleting it. Unspecified mode/owner/group keep what an
+existing file has; new files get 0644 (directories 0755) and root:root.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ApplyError
+from . import Change
+
+if TYPE_CHECKING:
+    from ..host import Host
+    from ..render import Resource
+    from ..state import StateDir
+
+MAX_DIFF_BYTES = 256 * 1024
+
+
+@dataclass
+class Ctx:
+    host: Host
+    state: StateDir
+    old: dict[str, Any]  # the previous manifest's entry for this resource, or {}
+
+
+def signature(full: str) -> list[int] | None:
+    """A stat signature, like git's index: equal signature ⇒ unchanged since recorded.
+
+    ctime is in it because every content, mode or owner change bumps it and no
+    user-space call can set it back, so `touch -d` or a same-size edit is still caught.
+    """
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return None
+    return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+            st.st_ino]
+
+
+def _mode_of(res: Resource, default: int) -> int:
+    m = res.spec.get("mode")
+    return int(m, 8) if m is not None else default
+
+
+def _ids(res: Resource, host: Host, st: os.stat_result | None) -> tuple[int, int]:
+    uid = host.uid(res.spec["owner"]) if "owner" in res.spec else (st.st_uid if st else 0)
+    gid = host.gid(res.spec["group"]) if "group" in res.spec else (st.st_gid if st else 0)
+    return uid, gid
+
+
+def _kind_name(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "special file"
+
+
+def text_diff(old: bytes, new: bytes, name: str) -> str:
+    if old == new:
+        return ""
+    if len(old) > MAX_DIFF_BYTES or len(new) > MAX_DIFF_BYTES or b"\0" in old + new:
+        return (f"binary or large content differs: sha256 {hashlib.sha256(old).hexdigest()[:12]}"
+                f" -> {hashlib.sha256(new).hexdigest()[:12]}\n")
+    try:
+        a = old.decode().splitlines(keepends=True)
+        b = new.decode().splitlines(keepends=True)
+    except UnicodeDecodeError:
+        return "non-UTF-8 content differs\n"
+    lines = list(difflib.unified_diff(a, b, f"a{name}", f"b{name}"))
+    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+                   for line in lines)
+
+
+def _meta_diff(st: os.stat_result, mode: int, uid: int, gid: int, host: Host) -> list[str]:
+    out = []
+    if stat.S_IMODE(st.st_mode) != mode:
+        out.append(f"mode {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}")
+    if st.st_uid != uid:
+        out.append(f"owner {host.user_name(st.st_uid)} -> {host.user_name(uid)}")
+    if st.st_gid != gid:
+        out.append(f"group {host.group_name(st.st_gid)} -> {host.group_name(gid)}")
+    return out
+
+
+def _lstat(full: str) -> os.stat_result | None:
+    try:
+        return os.lstat(full)
+    except FileNotFoundError:
+        return None
+
+
+def check(res: Resource, ctx: Ctx) -> Change:
+    """What apply() would do now; reads only."""
+    return _converge(res, ctx, dry=True)
+
+
+def apply(res: Resource, ctx: Ctx) -> Change:
+    return _converge(res, ctx, dry=False)
+
+
+def _converge(res: Resource, ctx: Ctx, dry: bool) -> Change:
+    full = ctx.host.path(res.name)
+    if res.spec.get("state") == "absent":
+        return _absent(res, full, ctx, dry)
+    if res.kind == "directory":
+        return _directory(res, full, ctx, dry)
+    if res.kind == "symlink":
+        return _symlink(res, full, ctx, dry)
+    return _file(res, full, ctx, dry)
+
+
+def _takeover(res: Resource, full: str, st: os.stat_result | None, ctx: Ctx,
+              dry: bool) -> dict[str, Any]:
+    """Remember what was there before the agent first managed this path."""
+    if ctx.old or dry:
+        return {k: ctx.old[k] for k in ("backup", "created") if k in ctx.old}
+    if st is None:
+        return {"created": True}
+    if stat.S_ISREG(st.st_mode):
+        with open(full, "rb") as f:
+            data = f.read()
+        name = ctx.state.save_backup(res.name, data, stat.S_IMODE(st.st_mode), st.st_uid,
+                                     st.st_gid)
+        return {"backup": name, "created": False}
+    return {"created": False}
+
+
+def _file(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
+    assert res.content is not None
+    st = _lstat(full)
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        raise ApplyError(f"{res.name} is a {_kind_name(st.st_mode)} on the host, not a file; "
+                         f"refusing to replace it")
+    regular = st is not None and stat.S_ISREG(st.st_mode)
+    mode = _mode_of(res, stat.S_IMODE(st.st_mode) if regular else 0o644)
+    uid, gid = _ids(res, ctx.host, st if regular else None)
+    old = b""
+    if regular:
+        with open(full, "rb") as f:
+            old = f.read()
+    change = Change(res.identity)
+    if not regular:
+        what = "replace symlink with file" if st is not None else "create"
+        change.changed, change.action = True, "create"
+        change.msg = f"{what} ({len(res.content)} bytes, mode {mode:04o})"
+        change.diff = text_diff(b"", res.content, res.name)
+    elif old != res.content:
+        change.changed, change.action = True, "update"
+        meta = _meta_diff(st, mode, uid, gid, ctx.host)
+        change.msg = "content differs" + (f"; {', '.join(meta)}" if meta else "")
+        change.diff = text_diff(old, res.content, res.name)
+    else:
+        meta = _meta_diff(st, mode, uid, gid, ctx.host)
+        if meta:
+            change.changed, change.action = True, "update"
+            change.msg = ", ".join(meta)
+            change.diff = "".join(f"  {m}\n" for m in meta)
+        else:
+            change.msg = "content, mode and owner as declared"
+    change.data = _takeover(res, full, st, ctx, dry)
+    if dry or not change.changed:
+        return change
+    if change.action == "create" or old != res.content:
+        ctx.host.ensure_parents(full)
+        ctx.host.write_file(full, res.content, mode, uid, gid)
+    else:
+        os.chown(full, uid, gid, follow_symlinks=False)
+        os.chmod(full, mode)
+    return change
+
+
+def _directory(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
+    st = _lstat(full)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise ApplyError(f"{res.name} is a {_kind_name(st.st_mode)} on the host, not a "
+                         f"directory; refusing to replace it")
+    mode = _mode_of(res, stat.S_IMODE(st.st_mode) if st else 0o755)
+    uid, gid = _ids(res, ctx.host, st)
+    change = Change(res.identity)
+    if st is None:
+        change.changed, change.action, change.msg = True, "create", f"create, mode {mode:04o}"
+    else:
+        meta = _meta_diff(st, mode, uid, gid, ctx.host)
+        if meta:
+            change.changed, change.action, change.msg = True, "update", ", ".join(meta)
+        else:
+            change.msg = "directory exists with mode and owner as declared"
+    change.data = _takeover(res, full, st, ctx, dry)
+    if dry or not change.changed:
+        return change
+    if st is None:
+        ctx.host.ensure_parents(full)
+        os.mkdir(full, 0o700)
+    os.chown(full, uid, gid, follow_symlinks=False)
+    os.chmod(full, mode)
+    return change
+
+
+def _symlink(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
+    target = res.spec["target"]
+    st = _lstat(full)
+    change = Change(res.identity)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ApplyError(f"{res.name} is a directory on the host, not a symlink; refusing to "
+                         f"replace it")
+    current = os.readlink(full) if st is not None and stat.S_ISLNK(st.st_mode) else None
+    if current == target:
+        change.msg = f"points to {target}"
+    else:
+        change.changed = True
+        change.action = "create" if st is None else "update"
+        change.msg = f"-> {target}" + (f" (was -> {current})" if current else
+                                       " (replaces a file)" if st else "")
+    change.data = _takeover(res, full, st, ctx, dry)
+    if dry or not change.changed:
+        return change
+    ctx.host.ensure_parents(full)
+    ctx.host.symlink(full, target)
+    return change
+
+
+def _absent(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
+    st = _lstat(full)
+    change = Change(res.identity)
+    if st is None:
+        change.msg = "absent as declared"
+        return change
+    if stat.S_ISDIR(st.st_mode):
+        raise ApplyError(f"{res.name} is a directory; state: absent removes files and symlinks "
+                         f"only")
+    change.changed, change.action = True, "remove"
+    change.msg = f"remove {_kind_name(st.st_mode)}"
+    if stat.S_ISREG(st.st_mode):
+        with open(full, "rb") as f:
+            change.diff = text_diff(f.read(), b"", res.name)
+    if not dry:
+        ctx.host.remove(full)
+    return change
+
+
+def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> Change:
+    """Undo management of a path the new revision no longer declares."""
+    full = ctx.host.path(name)
+    st = _lstat(full)
+    change = Change(ident, action="prune")
+    backup = entry.get("backup")
+    if backup:
+        original = ctx.state.load_backup(backup)
+        current = b""
+        if st is not None and stat.S_ISREG(st.st_mode):
+            with open(full, "rb") as f:
+                current = f.read()
+        change.changed, change.action = True, "restore"
+        change.msg = "no longer declared: restore the original from before the agent managed it"
+        change.diff = text_diff(current, original["data"], name)
+        if not dry:
+            ctx.host.ensure_parents(full)
+            ctx.host.write_file(full, original["data"], original["mode"], original["uid"],
+                                original["gid"])
+            ctx.state.drop_backup(backup)
+        return change
+    if st is None:
+        change.msg = "no longer declared and already gone"
+        return change
+    if not entry.get("created"):
+        change.msg = "no longer declared; existed before the agent, left in place"
+        return change
+    if stat.S_ISDIR(st.st_mode) and os.listdir(full):
+        change.msg = "no longer declared; directory not empty, left in place"
+        return change
+    change.changed, change.msg = True, f"no longer declared: remove {_kind_name(st.st_mode)}"
+    if stat.S_ISREG(st.st_mode):
+        with open(full, "rb") as f:
+            change.diff = text_diff(f.read(), b"", name)
+    if not dry:
+        ctx.host.remove(full)
+    return change

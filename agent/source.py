@@ -1,0 +1,259 @@
+"""The pygit2 mirror: fetch a branch, read a commit's files straight from its tree.
+
+Owns: the bare mirror in state_dir, fetching `source.branch` from the URL and then
+each mirror in order (plain path, file://, git://; ssh:// and https:// through
+credential callbacks), the refs that pin what was fetched and what was last good,
+and TreeReader: blob access by path with the tree-safety rules.
+Must not: check out a working tree (ever: no hooks, filters, attributes or
+submodules run), or read a blob of a commit that trust has not passed; the cycle
+calls `tree()` only after verify.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import pygit2
+
+from .config import LimitsConfig, SourceConfig
+from .errors import SourceError, TreeError
+
+log = logging.getLogger("agent.source")
+
+FETCHED_REF = "refs/gitops/fetched"
+LAST_GOOD_REF = "refs/gitops/last-good"
+
+_BLOB_MODES = (pygit2.GIT_FILEMODE_BLOB, pygit2.GIT_FILEMODE_BLOB_EXECUTABLE)
+
+
+def redact(url: str) -> str:
+    """Drop any user:password@ part of a URL before it reaches a log or report."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        creds, _, hostpart = rest.partition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}@{hostpart}" if ":" not in creds else f"{scheme}://***@{hostpart}"
+    return url
+
+
+@dataclass
+class FetchResult:
+    tip: str | None
+    url: str | None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def offline(self) -> bool:
+        return self.tip is None
+
+
+class Mirror:
+    def __init__(self, path: str, source: SourceConfig) -> None:
+        self.path = path
+        self.source = source
+        if os.path.isdir(path):
+            try:
+                self.repo = pygit2.Repository(path)
+            except pygit2.GitError as e:
+                raise SourceError(
+                    f"source: the mirror {path} is not a readable git repository ({e}); "
+                    f"remove it and the next cycle re-fetches it") from None
+        else:
+            self.repo = pygit2.init_repository(path, bare=True)
+
+    # --- fetch -------------------------------------------------------------------------
+
+    def fetch(self) -> FetchResult:
+        """Try the URL, then each mirror; the first that yields the branch wins."""
+        pygit2.settings.server_connect_timeout = int(self.source.timeout * 1000)
+        pygit2.settings.server_timeout = int(self.source.timeout * 1000)
+        errors = []
+        for url in (self.source.url, *self.source.mirrors):
+            try:
+                return FetchResult(self._fetch_one(url), url, errors)
+            except SourceError as e:
+                errors.append(str(e))
+                log.warning("fetch: %s", e)
+        return FetchResult(None, None, errors)
+
+    def _fetch_one(self, url: str) -> str:
+        branch = self.source.branch
+        remote = self.repo.remotes.create_anonymous(url)
+        try:
+            remote.fetch([f"+refs/heads/{branch}:{FETCHED_REF}"], callbacks=self._callbacks(url))
+        except (pygit2.GitError, OSError, ValueError) as e:
+            raise SourceError(f"fetch from {redact(url)} failed: {_clean(e)}") from None
+        # libgit2 succeeds quietly when the remote has no such branch; FETCH_HEAD then
+        # lacks it, and the old fetched ref must not be mistaken for a fresh tip.
+        tip = _fetch_head_tip(self.path, branch)
+        if tip is None:
+            raise SourceError(f"fetch from {redact(url)}: branch {branch!r} does not exist there")
+        return tip
+
+    def _callbacks(self, url: str) -> pygit2.RemoteCallbacks | None:
+        if url.startswith(("ssh://", "https://")) or "@" in url.split("/", 1)[0]:
+            from .transport import callbacks_for  # only remote transports need it
+
+            return callbacks_for(url, self.source)
+        return None
+
+    # --- refs --------------------------------------------------------------------------
+
+    def ref(self, name: str) -> str | None:
+        ref = self.repo.references.get(name)
+        return str(ref.target) if ref is not None else None
+
+    def set_ref(self, name: str, commit: str) -> None:
+        self.repo.references.create(name, pygit2.Oid(hex=commit), force=True)
+
+    def has_commit(self, commit: str) -> bool:
+        try:
+            return isinstance(self.repo[commit], pygit2.Commit)
+        except (KeyError, ValueError):
+            return False
+
+    def resolve(self, rev: str) -> str:
+        try:
+            obj = self.repo.revparse_single(rev)
+            return str(obj.peel(pygit2.Commit).id)
+        except (KeyError, pygit2.GitError, ValueError):
+            raise SourceError(f"source: revision {rev!r} not found in {self.path}") from None
+
+    def raw_commit(self, commit: str) -> bytes:
+        """The commit object's bytes exactly as signed (for trust, not for render)."""
+        otype, data = self.repo.odb.read(pygit2.Oid(hex=commit))[:2]
+        if otype != pygit2.enums.ObjectType.COMMIT:
+            raise SourceError(f"source: {commit} is not a commit")
+        return data
+
+    def tree(self, commit: str, limits: LimitsConfig) -> TreeReader:
+        return TreeReader(self.repo, commit, limits)
+
+
+def open_repo(path: str) -> Mirror:
+    """A mirror-like view of an existing repository (for `render` and `verify`)."""
+    m = Mirror.__new__(Mirror)
+    m.path = path
+    m.source = SourceConfig(url=path)
+    try:
+        m.repo = pygit2.Repository(path)
+    except pygit2.GitError:
+        raise SourceError(f"source: {path} is not a git repository") from None
+    return m
+
+
+def _fetch_head_tip(gitdir: str, branch: str) -> str | None:
+    """FETCH_HEAD lines look like `8fd90…\t\tbranch 'main' of /srv/fleet`."""
+    try:
+        with open(os.path.join(gitdir, "FETCH_HEAD")) as f:
+            for line in f:
+                oid, _, rest = line.partition("\t")
+                if f"branch '{branch}' of" in rest and len(oid) == 40:
+                    return oid
+    except OSError:
+        return None
+    return None
+
+
+def _clean(e: BaseException) -> str:
+    return str(e).strip().rstrip(".") or type(e).__name__
+
+
+class TreeReader:
+    """Read files of one commit by path, enforcing the tree-safety rules.
+
+    Every path is a repo-relative POSIX path. `..`, absolute paths and empty
+    components are refused; a symlink in the tree is never followed (it is an
+    error to read one); a submodule is refused; blobs over max_blob_size and trees
+    over max_files entries are refused. Nothing here touches the filesystem.
+    """
+
+    def __init__(self, repo: pygit2.Repository, commit: str, limits: LimitsConfig) -> None:
+        self.repo = repo
+        self.commit = commit
+        self.limits = limits
+        self.tree = repo[commit].peel(pygit2.Commit).tree
+        self._checked = False
+
+    def check(self) -> None:
+        """Walk the whole tree once: count, submodules, names, total size."""
+        if self._checked:
+            return
+        count = 0
+        total = 0
+        stack = [("", self.tree)]
+        while stack:
+            prefix, tree = stack.pop()
+            for entry in tree:
+                name = entry.name
+                path = f"{prefix}{name}"
+                if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+                    raise TreeError(f"tree: entry {path!r} in commit {self.commit[:12]} is not "
+                                    f"a safe file name")
+                mode = entry.filemode
+                if mode == pygit2.GIT_FILEMODE_COMMIT:
+                    raise TreeError(f"tree: {path} is a submodule; submodules are refused "
+                                    f"(commit {self.commit[:12]})")
+                if mode == pygit2.GIT_FILEMODE_TREE:
+                    stack.append((path + "/", self.repo[entry.id]))
+                    continue
+                count += 1
+                if count > self.limits.max_files:
+                    raise TreeError(f"tree: commit {self.commit[:12]} has more than "
+                                    f"{self.limits.max_files} files (limits.max_files)")
+                total += self.repo.odb.read_header(entry.id)[1]
+                if total > self.limits.max_total_size:
+                    raise TreeError(f"tree: commit {self.commit[:12]} holds more than "
+                                    f"{self.limits.max_total_size} bytes (limits.max_total_size)")
+        self._checked = True
+
+    def _entry(self, path: str) -> pygit2.Object | None:
+        parts = path.split("/")
+        if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise TreeError(f"{path!r} escapes the repository or is not a clean relative path")
+        node = self.tree
+        for i, part in enumerate(parts):
+            if not isinstance(node, pygit2.Tree) or part not in node:
+                return None
+            entry = node[part]
+            here = "/".join(parts[: i + 1])
+            if entry.filemode == pygit2.GIT_FILEMODE_LINK:
+                raise TreeError(f"{here} is a symlink in the repository; symlinks are never "
+                                f"followed")
+            if entry.filemode == pygit2.GIT_FILEMODE_COMMIT:
+                raise TreeError(f"{here} is a submodule; submodules are refused")
+            node = self.repo[entry.id] if entry.filemode == pygit2.GIT_FILEMODE_TREE else entry
+        return node
+
+    def exists(self, path: str) -> bool:
+        return self._entry(path) is not None
+
+    def is_file(self, path: str) -> bool:
+        node = self._entry(path)
+        return node is not None and node.filemode in _BLOB_MODES
+
+    def read(self, path: str) -> bytes:
+        node = self._entry(path)
+        if node is None:
+            raise TreeError(f"{path} does not exist in commit {self.commit[:12]}")
+        if isinstance(node, pygit2.Tree):
+            raise TreeError(f"{path} is a directory, not a file")
+        size = self.repo.odb.read_header(node.id)[1]
+        if size > self.limits.max_blob_size:
+            raise TreeError(f"{path} is {size} bytes, over the limit of "
+                            f"{self.limits.max_blob_size} (limits.max_blob_size)")
+        return self.repo[node.id].data
+
+    def blob_id(self, path: str) -> str:
+        node = self._entry(path)
+        if node is None:
+            raise TreeError(f"{path} does not exist in commit {self.commit[:12]}")
+        return str(node.id)
+
+    def listdir(self, path: str) -> list[str]:
+        node = self._entry(path) if path else self.tree
+        if not isinstance(node, pygit2.Tree):
+            return []
+        return sorted(e.name for e in node)

@@ -1,0 +1,199 @@
+"""The state directory: last good, the applied manifest, history, backups, the lock.
+
+Owns: every file under state_dir except the mirror's insides. Every write is atomic
+(host.write_atomic). A file that cannot be read or parsed is a loud StateError that
+names the file and the way out; it is never silently reset, because resetting
+state.json would drop rollback protection (the next tip, of any age, would pass).
+
+Layout:
+    state.json       {"version": 1, "last_good": "<sha>", "last_good_time": ..., "paused": ...}
+    manifest.json    what the last cycle applied: {"commit", "render_key", "resources": {id: {...}}}
+    history.jsonl    one JSON object per cycle
+    verdicts.json    trust verdict cache, keyed by commit and trust-config digest
+    backup/<sha256 of path>.json   a file's original content and mode, saved when first taken over
+    lock             flock()ed by the process that runs a cycle
+    mirror.git/      the bare pygit2 mirror
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+from .errors import LockError, StateError
+from .host import write_atomic
+
+VERSION = 1
+
+
+class StateDir:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+
+    def p(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def mirror_path(self) -> str:
+        return self.p("mirror.git")
+
+    def ensure(self) -> None:
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            os.makedirs(self.p("backup"), mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"state: cannot create state_dir {self.path}: {e.strerror}") from None
+
+    # --- the lock ----------------------------------------------------------------------
+
+    def lock(self, wait: float = 0.0) -> None:
+        """Hold the single-instance lock; wait up to `wait` seconds for another holder."""
+        self.ensure()
+        fd = os.open(self.p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    raise LockError(
+                        f"state: another gitops-agent cycle holds {self.p('lock')} (pid {holder}); "
+                        f"wait for it, or use --wait SECONDS") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- JSON files --------------------------------------------------------------------
+
+    def _read_json(self, name: str, default: Any, way_out: str) -> Any:
+        path = self.p(name)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return default
+        except OSError as e:
+            raise StateError(f"state: cannot read {path}: {e.strerror}. {way_out}") from None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise StateError(f"state: {path} is corrupt ({e}). {way_out}") from None
+        return data
+
+    def _write_json(self, name: str, data: Any) -> None:
+        self.ensure()
+        write_atomic(self.p(name), json.dumps(data, indent=1, sort_keys=True).encode() + b"\n",
+                     mode=0o600)
+
+    def load_state(self) -> dict[str, Any]:
+        data = self._read_json(
+            "state.json", {"version": VERSION},
+            "It holds last good, which anti-rollback depends on. Fix it, or move it aside "
+            "(mv state.json state.json.broken) to start over: the next fetched tip is then "
+            "accepted as the new base, so check it is the commit you expect.")
+        if data.get("version") != VERSION:
+            raise StateError(f"state: {self.p('state.json')} has version {data.get('version')!r}, "
+                             f"this agent reads version {VERSION}")
+        return data
+
+    def save_state(self, data: dict[str, Any]) -> None:
+        self._write_json("state.json", {**data, "version": VERSION})
+
+    def load_manifest(self) -> dict[str, Any]:
+        data = self._read_json(
+            "manifest.json", {"resources": {}},
+            "It lists what the agent manages, for pruning. Move it aside "
+            "(mv manifest.json manifest.json.broken) to start over: resources that the repo "
+            "no longer declares are then left in place, not pruned.")
+        if not isinstance(data.get("resources"), dict):
+            raise StateError(f"state: {self.p('manifest.json')} has no resources mapping; "
+                             f"move it aside to start over")
+        return data
+
+    def save_manifest(self, data: dict[str, Any]) -> None:
+        self._write_json("manifest.json", data)
+
+    def load_verdicts(self) -> dict[str, Any]:
+        try:
+            return self._read_json("verdicts.json", {}, "")
+        except StateError:
+            return {}  # only a cache: a corrupt one is rebuilt by verifying again
+
+    def save_verdicts(self, data: dict[str, Any]) -> None:
+        self._write_json("verdicts.json", data)
+
+    # --- history -----------------------------------------------------------------------
+
+    def append_history(self, entry: dict[str, Any], keep: int = 1000) -> None:
+        """Append one line; rewrite atomically (bounded to `keep` lines) so none is torn."""
+        lines = self._history_lines()
+        lines.append(json.dumps(entry, sort_keys=True))
+        lines = lines[-keep:]
+        self.ensure()
+        write_atomic(self.p("history.jsonl"), ("\n".join(lines) + "\n").encode(), mode=0o600)
+
+    def _history_lines(self) -> list[str]:
+        try:
+            with open(self.p("history.jsonl")) as f:
+                return [line.rstrip("\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StateError(
+                f"state: cannot read {self.p('history.jsonl')}: {e.strerror}") from None
+
+    def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        out = []
+        for n, line in enumerate(self._history_lines(), 1):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                raise StateError(f"state: {self.p('history.jsonl')}:{n} is not JSON; remove that "
+                                 f"line or move the file aside") from None
+        return out[-limit:] if limit else out
+
+    # --- backups of files taken over ---------------------------------------------------
+
+    def _backup_name(self, target: str) -> str:
+        return os.path.join("backup", hashlib.sha256(target.encode()).hexdigest() + ".json")
+
+    def save_backup(self, target: str, data: bytes, mode: int, uid: int, gid: int) -> str:
+        name = self._backup_name(target)
+        if not os.path.exists(self.p(name)):  # the first original is the one to restore
+            self._write_json(name, {"path": target, "mode": mode, "uid": uid, "gid": gid,
+                                    "data": base64.b64encode(data).decode()})
+        return name
+
+    def load_backup(self, name: str) -> dict[str, Any]:
+        data = self._read_json(name, None, "Move it aside to leave the file in place.")
+        if data is None:
+            raise StateError(f"state: backup {self.p(name)} is missing")
+        data["data"] = base64.b64decode(data["data"])
+        return data
+
+    def drop_backup(self, name: str) -> None:
+        try:
+            os.unlink(self.p(name))
+        except FileNotFoundError:
+            pass

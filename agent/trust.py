@@ -1,0 +1,355 @@
+"""The trust policy: which commits may reach the host.
+
+Owns: splitting signature and payload out of a raw commit object exactly as git's
+commit.c (parse_buffer_signed_by_header) does, but stricter where git is lax;
+verdicts for SSH (sshsig.py) and OpenPGP (gpgv) signatures; the policy of agent.yaml
+`trust:` (require tip|all, no rewinds, no backdating, freshness); the verdict cache.
+Must not: read anything from the commit's tree. The trust files are local paths
+from agent.yaml, never from the repository.
+
+Stricter than git, on purpose (the agent may refuse what git accepts, never the
+reverse): a commit whose header section has a duplicated `gpgsig` header, any other
+`gpgsig*` header (git would keep `gpgsig-sha256` in the payload), text after the
+signature's END line, or a duplicated tree/author/committer header is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import TrustConfig
+from .errors import TrustError
+
+log = logging.getLogger("agent.trust")
+
+_SIG_HEADER = b"gpgsig"
+_UNIQUE_HEADERS = (b"tree", b"author", b"committer")
+
+
+@dataclass
+class Verdict:
+    commit: str
+    good: bool
+    signer: str | None = None
+    key: str | None = None
+    reason: str = ""
+    rule: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": "good" if self.good else "bad", "commit": self.commit,
+                "signer": self.signer, "key": self.key, "reason": self.reason, "rule": self.rule}
+
+
+# --- the commit object -----------------------------------------------------------------
+
+
+@dataclass
+class SignedCommit:
+    payload: bytes
+    signature: str | None
+    committer_time: int
+    parents: list[str]
+
+
+def split_commit(raw: bytes, commit: str = "") -> SignedCommit:
+    """Split a raw commit into (payload, signature) the way git does.
+
+    git walks the header lines (up to the first empty line) and lifts out the
+    `gpgsig` header with its continuation lines (those that begin with a space);
+    everything else, the message included, is the signed payload.
+    """
+    end = raw.find(b"\n\n")
+    header_end = len(raw) if end < 0 else end + 1
+    payload = bytearray()
+    sig_lines: list[bytes] | None = None
+    seen: set[bytes] = set()
+    committer_time = 0
+    parents: list[str] = []
+    in_sig = False
+    pos = 0
+    while pos < header_end:
+        nl = raw.find(b"\n", pos, header_end)
+        line_end = header_end if nl < 0 else nl + 1
+        line = raw[pos:line_end]
+        pos = line_end
+        if line.startswith(b" "):
+            if in_sig:
+                assert sig_lines is not None
+                sig_lines.append(line[1:])
+            else:
+                payload += line
+            continue
+        in_sig = False
+        name = line.split(b" ", 1)[0].rstrip(b"\n")
+        if name.startswith(_SIG_HEADER):
+            if name != _SIG_HEADER:
+                raise TrustError(f"commit {commit[:12]} has a {name.decode(errors='replace')} "
+                                 f"header; refused (only gpgsig is accepted)",
+                                 commit=commit, rule="commit-format")
+            if sig_lines is not None:
+                raise TrustError(f"commit {commit[:12]} has two gpgsig headers; refused",
+                                 commit=commit, rule="commit-format")
+            sig_lines = [line[len(_SIG_HEADER) + 1:]]
+            in_sig = True
+            continue
+        if name in _UNIQUE_HEADERS:
+            if name in seen:
+                raise TrustError(f"commit {commit[:12]} has two {name.decode()} headers; "
+                                 f"refused", commit=commit, rule="commit-format")
+            seen.add(name)
+        if name == b"committer":
+            m = re.search(rb"> (\d+) [+-]\d{4}\n?$", line)
+            committer_time = int(m.group(1)) if m else 0
+        if name == b"parent":
+            parents.append(line[7:].strip().decode())
+        payload += line
+    payload += raw[header_end:]
+    signature = None
+    if sig_lines is not None:
+        signature = b"".join(sig_lines).decode(errors="replace")
+        lines = signature.rstrip("\n").split("\n")
+        if not lines[-1].startswith("-----END "):
+            raise TrustError(f"commit {commit[:12]}: data after the signature's END line; "
+                             f"refused", commit=commit, rule="commit-format")
+    return SignedCommit(bytes(payload), signature, committer_time, parents)
+
+
+# --- verifiers -------------------------------------------------------------------------
+
+
+class Verifier:
+    """Verdicts for single commits, from the local trust files of agent.yaml."""
+
+    def __init__(self, allowed_signers: str | None = None, gpg_keyring: str | None = None,
+                 revoked_keys: str | None = None) -> None:
+        from . import sshsig
+
+        self.warnings: list[str] = []
+        self.signers = sshsig.AllowedSigners()
+        self.revoked: set[str] = set()
+        self.gpg_keyring = gpg_keyring
+        hasher = hashlib.sha256()
+        for path in (allowed_signers, gpg_keyring, revoked_keys):
+            hasher.update(_read_trust_file(path) if path else b"-")
+        self.digest = hasher.hexdigest()
+        try:
+            if allowed_signers:
+                self.signers = sshsig.parse_allowed_signers(
+                    _read_trust_file(allowed_signers).decode(errors="replace"), allowed_signers)
+                self.warnings.extend(self.signers.warnings)
+            if revoked_keys:
+                self.revoked = sshsig.parse_revoked(
+                    _read_trust_file(revoked_keys).decode(errors="replace"), revoked_keys)
+        except TrustError as e:
+            raise TrustError(f"trust: {e}", rule="trust-files") from None
+        for w in self.warnings:
+            log.warning("verify: %s", w)
+
+    def verify(self, raw: bytes, commit: str) -> Verdict:
+        from . import sshsig
+
+        try:
+            sc = split_commit(raw, commit)
+            if sc.signature is None:
+                raise TrustError(f"commit {commit[:12]} is not signed", commit=commit,
+                                 rule="unsigned")
+            if sc.signature.startswith("-----BEGIN SSH SIGNATURE-----"):
+                v = sshsig.verify(sc.signature, sc.payload, self.signers, sc.committer_time,
+                                  self.revoked)
+                return Verdict(commit, True, v.principal, v.fingerprint,
+                               f"good SSH signature by {v.principal} ({v.fingerprint})", "ok")
+            if sc.signature.startswith("-----BEGIN PGP SIGNATURE-----"):
+                return self._gpg(sc, commit)
+            raise TrustError(f"commit {commit[:12]} has a signature of an unknown format",
+                             commit=commit, rule="signature-format")
+        except TrustError as e:
+            return Verdict(commit, False, None, e.key or None, str(e), e.rule or "untrusted")
+
+    def _gpg(self, sc: SignedCommit, commit: str) -> Verdict:
+        if not self.gpg_keyring:
+            raise TrustError(f"commit {commit[:12]} has an OpenPGP signature and no "
+                             f"trust.gpg_keyring is configured", commit=commit,
+                             rule="untrusted-key")
+        status = gpgv(self.gpg_keyring, sc.signature or "", sc.payload)
+        return _gpg_verdict(status, commit)
+
+
+def _read_trust_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TrustError(f"trust: cannot read {path}: {e.strerror}", rule="trust-files") from None
+
+
+def _dearmor_pgp(data: bytes) -> bytes:
+    """An armored key export → binary packets (gpgv reads only binary keyrings)."""
+    import base64
+
+    text = data.decode(errors="replace")
+    if "-----BEGIN PGP PUBLIC KEY BLOCK-----" not in text:
+        return data
+    out = b""
+    for block in re.findall(r"-----BEGIN PGP PUBLIC KEY BLOCK-----(.*?)-----END PGP PUBLIC KEY "
+                            r"BLOCK-----", text, re.S):
+        body = block.strip().split("\n\n", 1)[-1]
+        b64 = "".join(line.strip() for line in body.splitlines()
+                      if line.strip() and not line.startswith("="))
+        out += base64.b64decode(b64)
+    return out
+
+
+def gpgv(keyring: str, signature: str, payload: bytes) -> list[list[str]]:
+    """Run gpgv with --status-fd; return its `[GNUPG:] KEYWORD args` lines, split."""
+    with tempfile.TemporaryDirectory(prefix="gitops-gpgv-") as tmp:
+        ring = os.path.join(tmp, "trusted.gpg")
+        with open(ring, "wb") as f:
+            f.write(_dearmor_pgp(_read_trust_file(keyring)))
+        sig = os.path.join(tmp, "sig.asc")
+        with open(sig, "w") as f:
+            f.write(signature)
+        data = os.path.join(tmp, "payload")
+        with open(data, "wb") as f:
+            f.write(payload)
+        try:
+            p = subprocess.run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring", ring,
+                                sig, data], capture_output=True, timeout=60, check=False)
+        except FileNotFoundError:
+            raise TrustError("gpgv is not installed (package gpgv)", rule="gpgv") from None
+    return [line.split()[1:] for line in p.stdout.decode(errors="replace").splitlines()
+            if line.startswith("[GNUPG:] ")]
+
+
+def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
+    """Status lines look like `[GNUPG:] VALIDSIG <fpr> <date> ... <primary-fpr>`.
+
+    Only GOODSIG together with VALIDSIG (and no EXPKEYSIG/REVKEYSIG/BADSIG/ERRSIG) is
+    trusted; the signer is the primary key's full fingerprint, so a signing subkey of a
+    trusted primary key is accepted.
+    """
+    words = {s[0]: s[1:] for s in status if s}
+    for bad, rule, text in (("BADSIG", "bad-signature", "bad OpenPGP signature"),
+                            ("REVKEYSIG", "revoked", "OpenPGP key is revoked"),
+                            ("EXPKEYSIG", "expired", "OpenPGP key has expired"),
+                            ("EXPSIG", "expired", "OpenPGP signature has expired"),
+                            ("NO_PUBKEY", "untrusted-key", "OpenPGP key is not in the keyring"),
+                            ("ERRSIG", "untrusted-key", "OpenPGP signature cannot be checked")):
+        if bad in words:
+            key = words[bad][0] if words[bad] else None
+            raise TrustError(f"commit {commit[:12]}: {text} (key {key})", commit=commit,
+                             rule=rule, key=key or "")
+    if "GOODSIG" in words and "VALIDSIG" in words and "KEYREVOKED" not in words:
+        valid = words["VALIDSIG"]
+        primary = valid[9] if len(valid) >= 10 else valid[0]
+        uid = " ".join(words["GOODSIG"][1:])
+        return Verdict(commit, True, uid or primary, primary,
+                       f"good OpenPGP signature by {uid} ({primary})", "ok")
+    raise TrustError(f"commit {commit[:12]}: OpenPGP signature not verified", commit=commit,
+                     rule="bad-signature")
+
+
+# --- policy ----------------------------------------------------------------------------
+
+
+def _policy_digest(tcfg: TrustConfig, verifier: Verifier) -> str:
+    return hashlib.sha256(f"{verifier.digest}".encode()).hexdigest()[:32]
+
+
+def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any]) -> Verdict:
+    """Decide whether `tip` may be applied; raise TrustError (commit, rule, key) if not."""
+    last_good = st.get("last_good")
+    repo = mirror.repo
+    warnings: list[str] = []
+
+    # anti-rollback: must descend from last good (blocks replay of an older signed commit)
+    if last_good and tip != last_good and not tcfg.allow_rewind:
+        if not mirror.has_commit(last_good):
+            raise TrustError(f"last good {last_good[:12]} is missing from the mirror; cannot "
+                             f"check ancestry", commit=tip, rule="ancestry")
+        if not repo.descendant_of(tip, last_good):
+            raise TrustError(f"tip {tip[:12]} does not descend from last good {last_good[:12]} "
+                             f"(a rewind, force-push or other history); refused "
+                             f"(trust.allow_rewind is false)", commit=tip, rule="ancestry")
+    tip_time = repo[tip].commit_time
+    last_time = st.get("last_good_committer_time")
+    if last_good and tip != last_good and last_time is not None and tip_time < last_time:
+        raise TrustError(f"tip {tip[:12]} has a committer time older than last good "
+                         f"{last_good[:12]}'s; refused (backdated commit)", commit=tip,
+                         rule="backdated")
+    now = time.time()
+    if tcfg.max_future_skew is not None and tip_time > now + tcfg.max_future_skew:
+        raise TrustError(f"tip {tip[:12]} is dated {int(tip_time - now)}s in the future, more "
+                         f"than trust.max_future_skew", commit=tip, rule="future")
+    if tcfg.max_age is not None and now - tip_time > tcfg.max_age:
+        warnings.append(f"tip {tip[:12]} is {int((now - tip_time) / 3600)}h old, more than "
+                        f"trust.max_age: the branch may be frozen")
+        log.warning("verify: %s", warnings[-1], extra={"COMMIT": tip, "STAGE": "verify"})
+
+    if tcfg.unsigned == "allow":
+        msg = ("UNSIGNED COMMITS ALLOWED (trust.unsigned: allow): anyone who can push to "
+               "the branch controls this host. Use this for demos only.")
+        log.warning("verify: %s", msg, extra={"COMMIT": tip, "STAGE": "verify"})
+        return Verdict(tip, True, None, None, msg, "unsigned-allowed", warnings + [msg])
+
+    verifier = Verifier(tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
+    if not tcfg.allowed_signers and not tcfg.gpg_keyring:
+        raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
+                         "trust.unsigned is refuse: nothing can be trusted", commit=tip,
+                         rule="trust-files")
+    cache_key = _policy_digest(tcfg, verifier)
+    cache = state.load_verdicts() if state is not None else {}
+    if cache.get("key") != cache_key:
+        cache = {"key": cache_key, "verdicts": {}}
+    commits = [tip]
+    if tcfg.require == "all" and last_good and tip != last_good:
+        import pygit2
+
+        walker = repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL)
+        walker.hide(last_good)
+        commits = [str(c.id) for c in walker]
+    tip_verdict = None
+    dirty = False
+    for commit in commits:
+        cached = cache["verdicts"].get(commit)
+        if cached is not None:
+            v = Verdict(commit, cached["good"], cached.get("signer"), cached.get("key"),
+                        cached.get("reason", ""), cached.get("rule", ""))
+        else:
+            v = verifier.verify(mirror.raw_commit(commit), commit)
+            cache["verdicts"][commit] = {"good": v.good, "signer": v.signer, "key": v.key,
+                                         "reason": v.reason, "rule": v.rule}
+            dirty = True
+        if not v.good:
+            if dirty and state is not None:
+                _save_cache(state, cache)
+            where = "" if commit == tip else f" (in the range to tip {tip[:12]}, require: all)"
+            raise TrustError(f"commit {commit[:12]} refused{where}: {v.reason}", commit=commit,
+                             rule=v.rule, key=v.key or "")
+        if commit == tip:
+            tip_verdict = v
+    if dirty and state is not None:
+        _save_cache(state, cache)
+    assert tip_verdict is not None
+    tip_verdict.warnings = warnings + verifier.warnings
+    log.info("verify: %s @%s", tip_verdict.reason, tip[:7],
+             extra={"COMMIT": tip, "STAGE": "verify"})
+    return tip_verdict
+
+
+def _save_cache(state: Any, cache: dict[str, Any], keep: int = 5000) -> None:
+    verdicts = cache["verdicts"]
+    if len(verdicts) > keep:
+        cache["verdicts"] = dict(list(verdicts.items())[-keep:])
+    try:
+        state.save_verdicts(cache)
+    except OSError as e:
+        log.warning("verify: cannot save the verdict cache: %s", e)
