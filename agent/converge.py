@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import AgentError
+from .errors import AgentError, EscapeError
 from .host import Host
 from .render import FILE_KINDS, DesiredState, Resource
 from .resources import Change
@@ -133,6 +133,8 @@ def _guard(ident: str, fn: Callable[[], Change]) -> Change:
     """A failing resource becomes a failed Change; it never stops the others."""
     try:
         return fn()
+    except EscapeError as e:
+        return Change(ident, failed=True, msg=str(e), data={"refused": True})
     except AgentError as e:
         return Change(ident, failed=True, msg=str(e))
     except OSError as e:

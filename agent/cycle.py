@@ -165,10 +165,25 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
     except (RenderError, SourceError) as e:
         result.errors.append(str(e))
         log.error("%s", e, extra={"COMMIT": target, "STAGE": "render"})
-        return _finish(cfg, state, result, st, None, dry_run), None
+        if not last_good or target == last_good or not mirror.has_commit(last_good):
+            return _finish(cfg, state, result, st, None, dry_run), None
+        # the host keeps enforcing last good while the tip cannot be rendered
+        target = result.commit = last_good
+        key = render_key(target, name, labels, facts.digest())
+        try:
+            desired = render(mirror.tree(target, cfg.limits), name, labels, facts)
+        except (RenderError, SourceError) as e2:
+            result.errors.append(f"last good {target[:12]}: {e2}")
+            return _finish(cfg, state, result, st, None, dry_run), None
 
     conv = Converger(host, state, manifest)
     plan = conv.plan(desired)
+    escapes = [c for c in plan.changes if c.data.get("refused")]
+    if escapes:
+        # a target that leads out of root is an attack or a broken host: change nothing
+        result.changes = plan.changes
+        result.errors.extend(f"{c.id}: {c.msg}" for c in escapes)
+        return _finish(cfg, state, result, st, None, dry_run), plan
     if dry_run:
         result.changes = plan.changes
         result.state = "planned"

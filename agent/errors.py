@@ -61,6 +61,10 @@ class ApplyError(AgentError):
     """Changing one resource on the host failed."""
 
 
+class EscapeError(ApplyError):
+    """A target would land outside the root prefix: the whole cycle is refused."""
+
+
 def where(path: str, line: int | None) -> str:
     """`roles/web.yaml:4`, or the bare path when the line is unknown."""
     return f"{path}:{line}" if line else path

@@ -14,7 +14,7 @@ import stat
 import subprocess
 from dataclasses import dataclass
 
-from .errors import ApplyError
+from .errors import ApplyError, EscapeError
 
 
 class Host:
@@ -35,11 +35,11 @@ class Host:
             raise ApplyError(f"{target!r} is not an absolute path")
         parts = [p for p in target.split("/") if p not in ("", ".")]
         if ".." in parts:
-            raise ApplyError(f"{target} contains '..': targets must stay under root")
+            raise EscapeError(f"{target} contains '..': targets must stay under root")
         full = os.path.join(self.root, *parts) if parts else self.root
         parent = os.path.realpath(os.path.dirname(full)) if parts else self.root
         if not _within(parent, self.root):
-            raise ApplyError(
+            raise EscapeError(
                 f"{target} resolves outside root {self.root} through a symlink on the host "
                 f"({os.path.dirname(full)} -> {parent}); refusing to write there")
         return full

@@ -332,8 +332,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
             if dirty and state is not None:
                 _save_cache(state, cache)
             where = "" if commit == tip else f" (in the range to tip {tip[:12]}, require: all)"
-            raise TrustError(f"commit {commit[:12]} refused{where}: {v.reason}", commit=commit,
-                             rule=v.rule, key=v.key or "")
+            raise TrustError(f"{v.reason}{where}", commit=commit, rule=v.rule, key=v.key or "")
         if commit == tip:
             tip_verdict = v
     if dirty and state is not None:

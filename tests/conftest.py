@@ -1,0 +1,193 @@
+"""Shared fixtures: real git repositories, real ssh-keygen keys, real agent runs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "fleet"
+GIT_ENV = {
+    "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent", "GIT_AUTHOR_NAME": "Ops",
+    "GIT_AUTHOR_EMAIL": "ops@example.com", "GIT_COMMITTER_NAME": "Ops",
+    "GIT_COMMITTER_EMAIL": "ops@example.com", "PATH": os.environ["PATH"],
+}
+
+
+def git(cwd: Path | str, *args: str, env: dict | None = None, check: bool = True
+        ) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, env={**GIT_ENV, **(env or {})},
+                          capture_output=True, text=True, check=check)
+
+
+def ssh_key(path: Path, kind: str = "ed25519", bits: int | None = None) -> Path:
+    args = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"{kind}@test", "-f", str(path)]
+    if bits:
+        args += ["-b", str(bits)]
+    subprocess.run(args, check=True)
+    return path
+
+
+def allowed_line(principal: str, pub: Path, options: str = "") -> str:
+    key = " ".join(pub.read_text().split()[:2])
+    return f"{principal} {options + ' ' if options else ''}{key}\n"
+
+
+class Fleet:
+    """A fleet repo: a work tree to edit and commit in, and a bare repo the agent pulls."""
+
+    def __init__(self, base: Path, files: dict[str, str] | None = None,
+                 key: Path | None = None) -> None:
+        self.work = base / "work"
+        self.bare = base / "fleet.git"
+        self.key = key
+        git(base, "init", "-q", "-b", "main", str(self.work))
+        if files is None:
+            shutil.copytree(EXAMPLES, self.work, dirs_exist_ok=True)
+        else:
+            self.write(files)
+        self.commit("initial")
+        git(base, "clone", "-q", "--bare", str(self.work), str(self.bare))
+        git(self.work, "remote", "add", "origin", str(self.bare))
+
+    def write(self, files: dict[str, str | None]) -> None:
+        for rel, text in files.items():
+            p = self.work / rel
+            if text is None:
+                p.unlink()
+                continue
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+
+    def commit(self, msg: str = "change", files: dict[str, str | None] | None = None,
+               sign: bool | Path = True, push: bool = False, env: dict | None = None) -> str:
+        if files:
+            self.write(files)
+        git(self.work, "add", "-A")
+        key = sign if isinstance(sign, Path) else self.key
+        args = ["commit", "-q", "--allow-empty", "-m", msg]
+        cfg = []
+        if sign and key is not None:
+            cfg = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={key}"]
+            args.insert(1, "-S")
+        git(self.work, *cfg, *args, env=env)
+        if push:
+            self.push()
+        return self.head()
+
+    def push(self, force: bool = False) -> None:
+        git(self.work, "push", "-q", *(["-f"] if force else []), "origin", "HEAD:main")
+
+    def head(self) -> str:
+        return git(self.work, "rev-parse", "HEAD").stdout.strip()
+
+
+def write_config(path: Path, **over: object) -> Path:
+    import yaml
+
+    cfg: dict = {"source": {"url": str(over.pop("url")), "branch": "main"},
+                 "host": {"name": "web-01", "labels": {"env": "prod"}},
+                 "trust": {"unsigned": "allow"},
+                 "root": str(over.pop("root")), "state_dir": str(over.pop("state_dir")),
+                 "socket": str(path.parent / "agent.sock")}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def agent(*args: str, check: int | None = None, env: dict | None = None
+          ) -> subprocess.CompletedProcess:
+    """Run the real CLI as a user would, in a subprocess."""
+    p = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                       text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    assert "Traceback" not in p.stderr, p.stderr
+    if check is not None:
+        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root with its type, mode, owner, mtime and content hash."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            digest = ""
+            if os.path.isfile(p) and not os.path.islink(p):
+                digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            elif os.path.islink(p):
+                digest = os.readlink(p)
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                             digest)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GitDaemon:
+    """A real `git daemon` on 127.0.0.1 serving one base path."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1",
+             f"--port={self.port}", f"--base-path={self.base}", str(self.base)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("git daemon did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def url(self, name: str) -> str:
+        return f"git://127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture
+def signing_key(tmp_path: Path) -> Path:
+    return ssh_key(tmp_path / "signing_key")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet(tmp_path)
+
+
+@pytest.fixture
+def env(tmp_path: Path, fleet: Fleet) -> dict:
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
+                       state_dir=tmp_path / "state")
+    return {"root": root, "cfg": cfg, "state": tmp_path / "state", "fleet": fleet,
+            "tmp": tmp_path}
