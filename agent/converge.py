@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AgentError, EscapeError
 from .host import Host
-from .render import FILE_KINDS, DesiredState, Resource
-from .resources import Change
+from .resources import FILE_KINDS, Change
 from .resources import files as file_res
-from .state import StateDir
+
+if TYPE_CHECKING:  # render is not imported on the no-drift fast path
+    from .render import DesiredState, Resource
+    from .state import StateDir
 
 log = logging.getLogger("agent.converge")
 
@@ -60,10 +62,12 @@ class Plan:
 
 
 class Converger:
-    def __init__(self, host: Host, state: StateDir, manifest: dict[str, Any]) -> None:
+    def __init__(self, host: Host, state: StateDir, manifest: dict[str, Any],
+                 full_check: bool = True) -> None:
         self.host = host
         self.state = state
         self.old = manifest.get("resources", {})
+        self.full_check = full_check
 
     def _ctx(self, ident: str) -> file_res.Ctx:
         return file_res.Ctx(self.host, self.state, self.old.get(ident, {}))
@@ -72,6 +76,13 @@ class Converger:
         if res.kind not in FILE_KINDS:
             return Change(res.identity, failed=True,
                           msg=f"{res.kind} resources are not supported by this agent yet")
+        old = self.old.get(res.identity)
+        if (not self.full_check and old and old.get("digest") == res.digest()
+                and old.get("sig") is not None
+                and file_res.signature(self.host.join(res.name)) == old["sig"]):
+            # same desired state as applied, and the path's stat signature is unchanged
+            return Change(res.identity, msg="unchanged since last apply (stat signature)",
+                          data={k: old[k] for k in ("backup", "created") if k in old})
         return file_res.check(res, self._ctx(res.identity))
 
     def plan(self, desired: DesiredState) -> Plan:

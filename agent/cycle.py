@@ -151,17 +151,18 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
     facts = facts_mod.gather()
     key = render_key(target, name, labels, facts.digest())
     now = time.time()
-    if (not dry_run and manifest.get("commit") == target and manifest.get("render_key") == key
-            and now - manifest.get("full_check_at", 0) < cfg.full_check
-            and clean(manifest, host)):
+    full_check = now - manifest.get("full_check_at", 0) >= cfg.full_check
+    if (not dry_run and not full_check and manifest.get("commit") == target
+            and manifest.get("render_key") == key and clean(manifest, host)):
         result.fast_path = True
         result.state = _final_state(result)
         return _finish(cfg, state, result, st, None, dry_run), None
 
     from .render import render
 
+    jcache = state.p("jinja-cache")
     try:
-        desired = render(mirror.tree(target, cfg.limits), name, labels, facts)
+        desired = render(mirror.tree(target, cfg.limits), name, labels, facts, jcache)
     except (RenderError, SourceError) as e:
         result.errors.append(str(e))
         log.error("%s", e, extra={"COMMIT": target, "STAGE": "render"})
@@ -171,12 +172,12 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
         target = result.commit = last_good
         key = render_key(target, name, labels, facts.digest())
         try:
-            desired = render(mirror.tree(target, cfg.limits), name, labels, facts)
+            desired = render(mirror.tree(target, cfg.limits), name, labels, facts, jcache)
         except (RenderError, SourceError) as e2:
             result.errors.append(f"last good {target[:12]}: {e2}")
             return _finish(cfg, state, result, st, None, dry_run), None
 
-    conv = Converger(host, state, manifest)
+    conv = Converger(host, state, manifest, full_check=full_check or dry_run)
     plan = conv.plan(desired)
     escapes = [c for c in plan.changes if c.data.get("refused")]
     if escapes:
@@ -191,7 +192,8 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
 
     changes, new_resources = conv.converge(plan, should_stop)
     result.changes = changes
-    state.save_manifest({"commit": target, "render_key": key, "full_check_at": now,
+    checked_at = now if full_check else manifest.get("full_check_at", now)
+    state.save_manifest({"commit": target, "render_key": key, "full_check_at": checked_at,
                          "host": name, "resources": new_resources})
     if result.ok:
         if target != last_good:

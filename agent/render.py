@@ -16,15 +16,16 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RenderError, TreeError
 from .facts import Facts
+from .resources import FILE_KINDS
 from .source import TreeReader
 from .yamlsrc import LineDict, YamlError, load
 
-FILE_KINDS = ("file", "directory", "symlink")
 _FILE_KEYS = {"content", "template", "source", "type", "target", "mode", "owner", "group",
               "state", "notify"}
 _ROLE_KEYS = {"vars", "files", "packages", "units", "services"}
@@ -117,11 +118,13 @@ class _TreeLoader:
 
 
 class Renderer:
-    def __init__(self, tree: TreeReader, host: str, labels: dict[str, str], facts: Facts) -> None:
+    def __init__(self, tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
+                 cache_dir: str | None = None) -> None:
         self.tree = tree
         self.host = host
         self.labels = labels
         self.facts = facts
+        self.cache_dir = cache_dir  # Jinja2 bytecode, keyed by template source checksum
         self._env: Any = None
 
     # --- loading ---------------------------------------------------------------------
@@ -350,9 +353,13 @@ class Renderer:
         if self._env is None:
             from jinja2.sandbox import SandboxedEnvironment
 
+            cache = None
+            if self.cache_dir:
+                os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+                cache = jinja2.FileSystemBytecodeCache(self.cache_dir)
             self._env = SandboxedEnvironment(
                 loader=_TreeLoader(self.tree).make(), undefined=jinja2.StrictUndefined,
-                keep_trailing_newline=True, autoescape=False)
+                keep_trailing_newline=True, autoescape=False, bytecode_cache=cache)
         context = {**variables, "host": {"name": self.host, "labels": dict(self.labels)},
                    "facts": self.facts.as_dict()}
         try:
@@ -476,5 +483,6 @@ def _template_line(e: BaseException, filename: str) -> str:
     return f":{line}" if line else ""
 
 
-def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts) -> DesiredState:
-    return Renderer(tree, host, labels, facts).render()
+def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
+           cache_dir: str | None = None) -> DesiredState:
+    return Renderer(tree, host, labels, facts, cache_dir).render()

@@ -175,12 +175,17 @@ class TreeReader:
         self.commit = commit
         self.limits = limits
         self.tree = repo[commit].peel(pygit2.Commit).tree
-        self._checked = False
+        self._index: dict[str, pygit2.Object] | None = None
 
     def check(self) -> None:
-        """Walk the whole tree once: count, submodules, names, total size."""
-        if self._checked:
+        """Walk the whole tree once: names, submodules, counts, sizes; index every path.
+
+        The index makes each later read a dict lookup: pygit2's path lookup scans a
+        tree's entries, which is quadratic over a directory of thousands of files.
+        """
+        if self._index is not None:
             return
+        index: dict[str, pygit2.Object] = {}
         count = 0
         total = 0
         stack = [("", self.tree)]
@@ -196,35 +201,34 @@ class TreeReader:
                 if mode == pygit2.GIT_FILEMODE_COMMIT:
                     raise TreeError(f"tree: {path} is a submodule; submodules are refused "
                                     f"(commit {self.commit[:12]})")
+                index[path] = entry
                 if mode == pygit2.GIT_FILEMODE_TREE:
-                    stack.append((path + "/", self.repo[entry.id]))
+                    stack.append((path + "/", entry))
                     continue
                 count += 1
                 if count > self.limits.max_files:
                     raise TreeError(f"tree: commit {self.commit[:12]} has more than "
                                     f"{self.limits.max_files} files (limits.max_files)")
-                total += self.repo.odb.read_header(entry.id)[1]
+                total += self.repo.odb.read_header(entry.id)[1] if mode in _BLOB_MODES else 0
                 if total > self.limits.max_total_size:
                     raise TreeError(f"tree: commit {self.commit[:12]} holds more than "
                                     f"{self.limits.max_total_size} bytes (limits.max_total_size)")
-        self._checked = True
+        self._index = index
 
     def _entry(self, path: str) -> pygit2.Object | None:
         parts = path.split("/")
         if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise TreeError(f"{path!r} escapes the repository or is not a clean relative path")
-        node = self.tree
-        for i, part in enumerate(parts):
-            if not isinstance(node, pygit2.Tree) or part not in node:
+        self.check()
+        assert self._index is not None
+        for i in range(1, len(parts) + 1):
+            here = "/".join(parts[:i])
+            node = self._index.get(here)
+            if node is None:
                 return None
-            entry = node[part]
-            here = "/".join(parts[: i + 1])
-            if entry.filemode == pygit2.GIT_FILEMODE_LINK:
+            if node.filemode == pygit2.GIT_FILEMODE_LINK:
                 raise TreeError(f"{here} is a symlink in the repository; symlinks are never "
                                 f"followed")
-            if entry.filemode == pygit2.GIT_FILEMODE_COMMIT:
-                raise TreeError(f"{here} is a submodule; submodules are refused")
-            node = self.repo[entry.id] if entry.filemode == pygit2.GIT_FILEMODE_TREE else entry
         return node
 
     def exists(self, path: str) -> bool:
@@ -244,7 +248,7 @@ class TreeReader:
         if size > self.limits.max_blob_size:
             raise TreeError(f"{path} is {size} bytes, over the limit of "
                             f"{self.limits.max_blob_size} (limits.max_blob_size)")
-        return self.repo[node.id].data
+        return node.data
 
     def blob_id(self, path: str) -> str:
         node = self._entry(path)

@@ -101,10 +101,11 @@ class StateDir:
             raise StateError(f"state: {path} is corrupt ({e}). {way_out}") from None
         return data
 
-    def _write_json(self, name: str, data: Any) -> None:
+    def _write_json(self, name: str, data: Any, compact: bool = False) -> None:
         self.ensure()
-        write_atomic(self.p(name), json.dumps(data, indent=1, sort_keys=True).encode() + b"\n",
-                     mode=0o600)
+        text = (json.dumps(data, separators=(",", ":")) if compact
+                else json.dumps(data, indent=1, sort_keys=True))
+        write_atomic(self.p(name), text.encode() + b"\n", mode=0o600)
 
     def load_state(self) -> dict[str, Any]:
         data = self._read_json(
@@ -132,7 +133,7 @@ class StateDir:
         return data
 
     def save_manifest(self, data: dict[str, Any]) -> None:
-        self._write_json("manifest.json", data)
+        self._write_json("manifest.json", data, compact=True)
 
     def load_verdicts(self) -> dict[str, Any]:
         try:

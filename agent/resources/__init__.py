@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+FILE_KINDS = ("file", "directory", "symlink")
+
 
 @dataclass
 class Change:

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Benchmark one `gitops-agent apply` process: first apply, no-op apply, one-file change.
+
+Generates a fleet repo with N static files and N/10 templates (N=2000 by default),
+runs the real CLI as a subprocess and prints wall time and peak RSS of each run,
+next to a bare pygit2 script that hash-compares every file (the floor to beat).
+
+    .venv/bin/python bench/cycle.py [--n 2000] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BARE = r'''
+import hashlib, os, sys, pygit2
+repo = pygit2.Repository(sys.argv[1]); root = sys.argv[2]
+tree = repo.revparse_single("HEAD").peel(pygit2.Commit).tree
+def walk(t, prefix):
+    for e in t:
+        if e.type_str == "tree":
+            yield from walk(repo[e.id], prefix + e.name + "/")
+        else:
+            yield prefix + e.name, e
+same = 0
+for path, e in walk(tree["files"], ""):
+    try:
+        with open(os.path.join(root, "srv/bench", path), "rb") as f:
+            same += hashlib.sha1(f.read()).digest() == hashlib.sha1(e.data).digest()
+    except FileNotFoundError:
+        pass
+print(same)
+'''
+
+
+def run(argv: list[str], env: dict | None = None) -> tuple[float, float]:
+    with tempfile.TemporaryFile() as errf:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            errf.seek(0)
+            sys.exit(f"{argv} failed: {errf.read().decode()}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", *args], cwd=cwd,
+                   check=True, capture_output=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    n = args.n
+    tmp = Path(tempfile.mkdtemp(prefix="gitops-bench-"))
+    try:
+        work = tmp / "work"
+        (work / "roles").mkdir(parents=True)
+        (work / "files/static").mkdir(parents=True)
+        (work / "files/tpl").mkdir(parents=True)
+        (work / "fleet.yaml").write_text("groups:\n  - roles: [bench]\n")
+        lines = ["vars: {greeting: hello}\nfiles:\n"]
+        for i in range(n):
+            (work / f"files/static/f{i}.conf").write_text(f"# file {i}\nvalue = {i * 7}\n" * 8)
+            lines.append(f"  /srv/bench/static/f{i}.conf: {{source: static/f{i}.conf}}\n")
+        for i in range(n // 10):
+            (work / f"files/tpl/t{i}.j2").write_text(
+                "{{ greeting }} from {{ host.name }} #" + str(i) + "\n")
+            lines.append(f"  /srv/bench/tpl/t{i}.conf: {{template: tpl/t{i}.j2}}\n")
+        (work / "roles/bench.yaml").write_text("".join(lines))
+        git(tmp, "init", "-q", "-b", "main", str(work))
+        git(work, "add", "-A")
+        git(work, "commit", "-qm", "bench")
+        bare = tmp / "fleet.git"
+        git(tmp, "clone", "-q", "--bare", str(work), str(bare))
+        git(work, "remote", "add", "origin", str(bare))
+        root = tmp / "root"
+        root.mkdir()
+        cfg = tmp / "agent.yaml"
+        cfg.write_text(f"source: {{url: {bare}, branch: main}}\nhost: {{name: bench-01}}\n"
+                       f"trust: {{unsigned: allow}}\nroot: {root}\nstate_dir: {tmp / 'state'}\n")
+        agent = [sys.executable, "-m", "agent.cli", "apply", "--config", str(cfg)]
+        exe = shutil.which("gitops-agent", path=os.path.dirname(sys.executable))
+        if exe:
+            agent = [exe, "apply", "--config", str(cfg)]
+
+        def report(name: str, samples: list[tuple[float, float]]) -> None:
+            walls = [s[0] for s in samples]
+            rss = max(s[1] for s in samples)
+            print(f"{name:34} median {statistics.median(walls):6.3f}s  "
+                  f"min {min(walls):6.3f}s  peak RSS {rss:6.1f} MB  ({len(samples)} runs)")
+
+        print(f"N={n} static files + {n // 10} templates, {os.cpu_count()} CPUs")
+        report("first apply", [run(agent)])
+        report("no-op apply (stat fast path)", [run(agent) for _ in range(args.runs)])
+        cfg_full = tmp / "full.yaml"
+        cfg_full.write_text(cfg.read_text() + "full_check: 0s\n")
+        full = [*agent[:-1], str(cfg_full)]
+        report("no-op apply (full content check)", [run(full) for _ in range(args.runs)])
+        samples = []
+        for i in range(args.runs):
+            (work / "files/static/f0.conf").write_text(f"changed {i}\n")
+            git(work, "commit", "-qam", f"change {i}")
+            git(work, "push", "-q", "origin", "main")
+            samples.append(run(agent))
+        report("apply after a one-file change", samples)
+        report("bare pygit2 hash-compare script",
+               [run([sys.executable, "-c", BARE, str(bare), str(root)])
+                for _ in range(args.runs)])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
