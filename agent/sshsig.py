@@ -34,7 +34,6 @@ _ARMOR_END = "-----END SSH SIGNATURE-----"
 _CURVES = {"nistp256": (ec.SECP256R1, hashes.SHA256), "nistp384": (ec.SECP384R1, hashes.SHA384),
            "nistp521": (ec.SECP521R1, hashes.SHA512)}
 _SK_UP = 0x01  # user presence
-_SK_UV = 0x04  # user verification
 CERT_USER = 1
 
 
@@ -371,8 +370,6 @@ class AllowedSigner:
     namespaces: list[str] | None = None
     valid_after: int | None = None
     valid_before: int | None = None
-    no_touch_required: bool = False
-    verify_required: bool = False
     line: int = 0
 
     def principal_matches(self, principal: str) -> bool:
@@ -488,11 +485,7 @@ def _parse_options(entry: AllowedSigner, text: str, where: str) -> None:
             entry.valid_after = _abs_time(value, where)
         elif name == "valid-before" and eq:
             entry.valid_before = _abs_time(value, where)
-        elif name == "no-touch-required" and not eq:
-            entry.no_touch_required = True
-        elif name == "verify-required" and not eq:
-            entry.verify_required = True
-        else:
+        else:  # ssh-keygen knows no other option here: fail closed, as it skips the line
             raise SigError(f"allowed_signers: unknown option {opt!r} ({where})",
                            rule="allowed-signers")
 
@@ -579,13 +572,11 @@ def verify(armored: str, payload: bytes, signers: AllowedSigners, when: int,
             reasons.append(f"line {entry.line}: key expired before the commit time "
                            f"(valid-before)")
             continue
-        if pk.type.startswith("sk-"):
-            if not entry.no_touch_required and not flags & _SK_UP:
-                reasons.append(f"line {entry.line}: FIDO signature lacks user presence")
-                continue
-            if entry.verify_required and not flags & _SK_UV:
-                reasons.append(f"line {entry.line}: FIDO signature lacks user verification")
-                continue
+        if pk.type.startswith("sk-") and not flags & _SK_UP:
+            # stricter than ssh-keygen -Y verify, which accepts it: a FIDO signature made
+            # without a touch proves no one was at the key
+            reasons.append(f"line {entry.line}: FIDO signature lacks user presence")
+            continue
         return SshVerdict(principal, pk.fingerprint, entry.line)
     why = "; ".join(reasons) if reasons else "key is not in allowed_signers"
     raise SigError(f"signature by {pk.fingerprint} is not trusted: {why}", rule="untrusted-key",

@@ -9,7 +9,7 @@ from agent.yaml, never from the repository.
 
 Stricter than git, on purpose (the agent may refuse what git accepts, never the
 reverse): a commit whose header section has a duplicated `gpgsig` header, any other
-`gpgsig*` header (git would keep `gpgsig-sha256` in the payload), text after the
+`gpgsig*` header (git lifts `gpgsig-sha256` out of the payload unverified), text after the
 signature's END line, or a duplicated tree/author/committer header is refused.
 """
 
@@ -137,10 +137,16 @@ class Verifier:
         self.signers = sshsig.AllowedSigners()
         self.revoked: set[str] = set()
         self.gpg_keyring = gpg_keyring
+        self.error: TrustError | None = None  # an invalid trust file: every verdict is bad
         hasher = hashlib.sha256()
-        for path in (allowed_signers, gpg_keyring, revoked_keys):
-            hasher.update(_read_trust_file(path) if path else b"-")
+        try:
+            for path in (allowed_signers, gpg_keyring, revoked_keys):
+                hasher.update(_read_trust_file(path) if path else b"-")
+        except TrustError as e:
+            self.error = e
         self.digest = hasher.hexdigest()
+        if self.error is not None:
+            return
         try:
             if allowed_signers:
                 self.signers = sshsig.parse_allowed_signers(
@@ -150,7 +156,7 @@ class Verifier:
                 self.revoked = sshsig.parse_revoked(
                     _read_trust_file(revoked_keys).decode(errors="replace"), revoked_keys)
         except TrustError as e:
-            raise TrustError(f"trust: {e}", rule="trust-files") from None
+            self.error = TrustError(f"trust: {e}", rule="trust-files")
         for w in self.warnings:
             log.warning("verify: %s", w)
 
@@ -158,6 +164,8 @@ class Verifier:
         from . import sshsig
 
         try:
+            if self.error is not None:
+                raise self.error
             sc = split_commit(raw, commit)
             if sc.signature is None:
                 raise TrustError(f"commit {commit[:12]} is not signed", commit=commit,
