@@ -165,13 +165,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_history(args: argparse.Namespace) -> int:
+def human_history(entries: list[dict]) -> str:
     import time
 
-    from .state import StateDir
-
-    cfg = _config(args)
-    entries = StateDir(cfg.state_dir).history(args.n)
     lines = []
     for e in entries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("started", 0)))
@@ -181,7 +177,15 @@ def cmd_history(args: argparse.Namespace) -> int:
         lines.append(f"{when}  {(e.get('commit') or '-')[:12]:12}  {e.get('result'):9}  "
                      f"{e.get('changed', 0)} changed {e.get('failed', 0)} failed  "
                      f"{took:.2f}s{extra}\n")
-    _print(entries, args.json, "".join(lines) or "no cycles yet\n")
+    return "".join(lines) or "no cycles yet\n"
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from .state import StateDir
+
+    cfg = _config(args)
+    entries = StateDir(cfg.state_dir).history(args.n)
+    _print(entries, args.json, human_history(entries))
     return 0
 
 

@@ -1,0 +1,258 @@
+"""The control socket: JSON lines over a Unix socket, server and client.
+
+Owns: the wire protocol (one JSON object per line each way), who may ask what
+(SO_PEERCRED: root, the daemon's own uid, or members of the `gitops-agent` group;
+anyone else is refused with a message), and the CLI verbs that talk to a running
+daemon: status, sync [--wait], plan, pause, resume, history.
+Must not: run cycles itself; it calls the Daemon's methods.
+
+    request:  {"verb": "sync", "wait": true}
+    response: {"ok": true, "result": {...}}  or  {"ok": false, "error": "why"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from .errors import AgentError
+
+GROUP = "gitops-agent"
+READ_VERBS = {"status", "plan", "history"}
+WRITE_VERBS = {"sync", "pause", "resume"}
+MAX_LINE = 64 * 1024
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def _group_gid() -> int | None:
+    try:
+        return grp.getgrnam(GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def _in_group(pid: int, gid: int, group: int | None) -> bool:
+    if group is None:
+        return False
+    if gid == group:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return str(group) in line.split()[1:]
+    except OSError:
+        return False
+    return False
+
+
+def authorize(verb: str, pid: int, uid: int, gid: int) -> str | None:
+    """None if allowed, else the message the client sees."""
+    if uid == 0 or uid == os.geteuid():
+        return None
+    if _in_group(pid, gid, _group_gid()):
+        return None
+    kind = "change" if verb in WRITE_VERBS else "read"
+    return (f"uid {uid} may not {kind} the agent ({verb}): only root and members of the "
+            f"'{GROUP}' group may use this socket")
+
+
+class ControlServer:
+    def __init__(self, path: str, handler: Any) -> None:
+        self.path = path
+        self.handler = handler  # async (verb, request) -> result
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # a stale socket from a previous run
+        old = os.umask(0o117)  # created 0660: no window with looser permissions
+        try:
+            self.server = await asyncio.start_unix_server(self._client, path=self.path,
+                                                          limit=MAX_LINE)
+        finally:
+            os.umask(old)
+        group = _group_gid()
+        if group is not None:
+            os.chown(self.path, 0 if os.geteuid() == 0 else -1, group)
+        os.chmod(self.path, 0o660)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            pid, uid, gid = peer_credentials(sock)
+            while True:
+                try:
+                    line = await reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    await _send(writer, {"ok": False, "error": "request line too long"})
+                    return
+                if not line:
+                    return
+                try:
+                    req = json.loads(line)
+                    verb = req["verb"]
+                    if not isinstance(verb, str):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError):
+                    await _send(writer, {"ok": False, "error": "bad request: expected a JSON "
+                                                               "object with a 'verb'"})
+                    continue
+                if verb not in READ_VERBS | WRITE_VERBS:
+                    await _send(writer, {"ok": False, "error": f"unknown verb {verb!r}"})
+                    continue
+                denied = authorize(verb, pid, uid, gid)
+                if denied:
+                    await _send(writer, {"ok": False, "error": denied})
+                    continue
+                try:
+                    result = await self.handler(verb, req, uid)
+                    await _send(writer, {"ok": True, "result": result})
+                except AgentError as e:
+                    await _send(writer, {"ok": False, "error": str(e)})
+        except (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _send(writer: asyncio.StreamWriter, data: dict) -> None:
+    writer.write(json.dumps(data, default=str).encode() + b"\n")
+    await writer.drain()
+
+
+# --- client ----------------------------------------------------------------------------
+
+
+def request(path: str, req: dict, timeout: float = 30) -> Any:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        raise AgentError(f"control: no agent is listening on {path} (is gitops-agent.service "
+                         f"running?)") from None
+    except PermissionError:
+        raise AgentError(f"control: permission denied on {path}: only root and members of the "
+                         f"'{GROUP}' group may use it") from None
+    except OSError as e:
+        raise AgentError(f"control: cannot connect to {path}: {e.strerror}") from None
+    try:
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except TimeoutError:
+        raise AgentError(f"control: no answer from the agent within {timeout:.0f}s") from None
+    finally:
+        s.close()
+    try:
+        resp = json.loads(buf)
+    except ValueError:
+        raise AgentError("control: the agent closed the connection without an answer") from None
+    if not resp.get("ok"):
+        raise AgentError(f"control: {resp.get('error')}")
+    return resp["result"]
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    d = time.time() - ts
+    if d < 0:
+        return f"in {-d:.0f}s"
+    return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else \
+        f"{d / 3600:.1f}h ago"
+
+
+def human_status(s: dict) -> str:
+    lc = s.get("last_cycle") or {}
+    lines = [
+        f"host:        {s.get('host')}",
+        f"state:       {s.get('state')}" + (f" ({s['paused']['reason']})"
+                                            if s.get("paused") else ""),
+        f"applied:     {(s.get('applied_commit') or '-')[:12]}  signed by "
+        f"{s.get('signer') or '-'}",
+        f"last good:   {(s.get('last_good') or '-')[:12]}",
+        f"fetched tip: {(s.get('fetched_tip') or '-')[:12]}",
+        f"last cycle:  {lc.get('state', '-')}, {lc.get('changed', 0)} changed, "
+        f"{lc.get('failed', 0)} failed, finished {_age(lc.get('finished'))}",
+        f"next cycle:  {_age(s.get('next_cycle_at'))}",
+        f"drift fixed: {s.get('drift_corrections', 0)}",
+    ]
+    if s.get("offline_since"):
+        lines.append(f"offline:     since {_age(s['offline_since'])}: {s.get('offline_reason')}")
+    if s.get("rejected"):
+        lines.append(f"rejected:    {s['rejected']}")
+    for e in lc.get("errors") or []:
+        lines.append(f"error:       {e}")
+    if s.get("config_error"):
+        lines.append(f"config:      {s['config_error']} (running with the previous config)")
+    for w in s.get("warnings") or []:
+        lines.append(f"warning:     {w}")
+    lines.append(f"version:     {s.get('version')}")
+    return "\n".join(lines) + "\n"
+
+
+def client_verb(cfg: Any, args: Any) -> int:
+    from .cli import _human_cycle, _print
+
+    verb = args.verb
+    req: dict[str, Any] = {"verb": verb}
+    timeout = 30.0
+    if verb == "sync":
+        req["wait"] = args.wait
+        timeout = 3600.0 if args.wait else 30.0
+    if verb == "pause":
+        req["reason"] = args.reason
+    if verb == "plan":
+        timeout = 600.0
+    result = request(cfg.socket, req, timeout)
+    if verb == "status":
+        _print(result, args.json, human_status(result))
+        return 0 if result.get("state") not in ("failed", "rejected") else 1
+    if verb in ("sync", "plan") and isinstance(result, dict) and "changes" in result:
+        from .cycle import CycleResult
+        from .resources import Change
+
+        cr = CycleResult(started=result.get("started", 0))
+        for k in ("finished", "state", "commit", "offline", "offline_reason", "rejected",
+                  "warnings", "errors", "fast_path"):
+            setattr(cr, k, result.get(k, getattr(cr, k)))
+        cr.changes = [Change(c["id"], c["changed"], c["failed"], c["msg"], c.get("diff", ""),
+                             c["action"]) for c in result["changes"]]
+        _print(result, args.json, _human_cycle(cr, verb == "plan"))
+        return 0 if cr.state in ("converged", "offline", "planned") and not cr.failed else 1
+    if verb == "history":
+        from .cli import human_history
+
+        _print(result, args.json, human_history(result))
+        return 0
+    _print(result, args.json, f"{result.get('message', 'ok')}\n")
+    return 0
+

@@ -1,0 +1,378 @@
+"""The asyncio supervisor: `gitops-agent run`.
+
+Owns: startup → main loop → shutdown; the triggers (timer with per-host splay and
+jitter, socket sync, drift events, SIGHUP, boot) and their coalescing into at most one
+pending cycle; exponential back-off of fetch failures; the drift watcher; pause and
+resume (persisted); sd_notify (READY, STATUS, WATCHDOG, STOPPING); signals.
+Must not: block the event loop. A cycle runs in a worker thread (run_cycle), so the
+control socket keeps answering during a long cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from typing import Any
+
+from . import __version__
+from .config import Config, load_file
+from .control import ControlServer
+from .cycle import CycleResult, host_identity, run_cycle
+from .errors import AgentError, UsageError
+
+log = logging.getLogger("agent.daemon")
+
+BACKOFF_START = 5.0
+
+
+def notify(message: str) -> None:
+    """sd_notify through systemd-python when it is there, else the raw datagram."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd import daemon as sd  # type: ignore[import-not-found]
+
+        sd.notify(message)
+        return
+    except ImportError:
+        pass
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), addr)
+        except OSError:
+            pass
+
+
+def splay(host: str, interval: float) -> float:
+    """A stable per-host phase within the interval, so a fleet does not poll in lockstep."""
+    h = int.from_bytes(hashlib.sha256(host.encode()).digest()[:8], "big")
+    return (h % 10_000) / 10_000 * interval
+
+
+class Daemon:
+    def __init__(self, config_path: str, cfg: Config | None = None) -> None:
+        self.config_path = config_path
+        self.cfg = cfg or load_file(config_path)
+        self.host = host_identity(self.cfg)[0]
+        self.wake = asyncio.Event()
+        self.pending: set[str] = set()
+        self.running = False
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self.cycles = 0
+        self.drift_corrections = 0
+        self.config_error = ""
+        self.last: CycleResult | None = None
+        self.offline_since: float | None = None
+        self.backoff = 0.0
+        self.next_at: float = 0.0
+        self.waiters: list[asyncio.Future] = []
+        self.control: ControlServer | None = None
+        self.watcher: Any = None
+        self.tasks: set[asyncio.Task] = set()
+        self._sigint = 0
+
+    # --- triggers ----------------------------------------------------------------------
+
+    def trigger(self, reason: str) -> None:
+        """Ask for a cycle. Any number of triggers while one runs yields one more cycle."""
+        self.pending.add(reason)
+        self.wake.set()
+
+    def _next_timer(self, now: float) -> float:
+        interval = max(self.cfg.interval, 1.0)
+        if self.backoff:
+            return now + self.backoff
+        phase = splay(self.host, interval)
+        slot = ((now - phase) // interval + 1) * interval + phase
+        return slot + random.uniform(0, self.cfg.jitter)
+
+    # --- pause -------------------------------------------------------------------------
+
+    @property
+    def pause_path(self) -> str:
+        return os.path.join(self.cfg.state_dir, "pause.json")
+
+    def paused(self) -> dict | None:
+        try:
+            with open(self.pause_path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {"reason": "?"}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            # unreadable pause file: stay paused, loudly; resume rewrites it
+            return {"reason": f"{self.pause_path} is unreadable; `gitops-agent resume` clears it"}
+
+    def pause(self, reason: str, uid: int) -> dict:
+        from .host import write_atomic
+
+        os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        data = {"reason": reason or "paused by operator", "since": time.time(), "uid": uid}
+        write_atomic(self.pause_path, json.dumps(data).encode(), mode=0o600)
+        log.warning("daemon: paused by uid %d: %s", uid, data["reason"],
+                    extra={"STAGE": "pause"})
+        return data
+
+    def resume(self) -> None:
+        try:
+            os.unlink(self.pause_path)
+        except FileNotFoundError:
+            pass
+        log.info("daemon: resumed", extra={"STAGE": "pause"})
+        self.trigger("resume")
+
+    # --- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        last = self.last
+        paused = self.paused()
+        if paused:
+            state = "paused"
+        elif self.running:
+            state = "applying"
+        elif last is None:
+            state = "starting"
+        else:
+            state = last.state
+        st: dict[str, Any] = {}
+        try:
+            from .state import StateDir
+
+            st = StateDir(self.cfg.state_dir).load_state()
+        except AgentError:
+            pass
+        return {
+            "host": self.host, "state": state, "version": __version__,
+            "applied_commit": last.commit if last else st.get("last_cycle", {}).get("commit"),
+            "signer": last.signer if last else st.get("last_good_signer"),
+            "last_good": st.get("last_good"),
+            "fetched_tip": last.tip if last else None,
+            "last_cycle": last.to_json(with_changes=False) if last else None,
+            "offline_since": self.offline_since,
+            "offline_reason": last.offline_reason if last and last.offline else "",
+            "rejected": last.rejected if last else "",
+            "next_cycle_at": self.next_at or None,
+            "drift_corrections": self.drift_corrections,
+            "drift_detected": self.watcher.reported if self.watcher is not None else 0,
+            "cycles": self.cycles,
+            "paused": paused,
+            "config_error": self.config_error,
+            "warnings": last.warnings if last else [],
+        }
+
+    # --- control socket verbs -----------------------------------------------------------
+
+    async def handle(self, verb: str, req: dict, uid: int) -> Any:
+        if verb == "status":
+            return self.status()
+        if verb == "history":
+            from .state import StateDir
+
+            return StateDir(self.cfg.state_dir).history(int(req.get("n", 20)))
+        if verb == "pause":
+            data = self.pause(str(req.get("reason", "")), uid)
+            return {"message": f"paused: {data['reason']}"}
+        if verb == "resume":
+            self.resume()
+            return {"message": "resumed; a cycle is starting"}
+        if verb == "plan":
+            result, _ = await asyncio.to_thread(run_cycle, self.cfg, dry_run=True,
+                                                lock_wait=600)
+            return result.to_json()
+        if verb == "sync":
+            paused = self.paused()
+            if paused:
+                raise AgentError(f"paused ({paused.get('reason')}); `gitops-agent resume` first")
+            if self.stopping:
+                raise AgentError("the agent is shutting down")
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            if req.get("wait"):
+                self.waiters.append(fut)
+            self.trigger("sync")
+            if req.get("wait"):
+                return await fut
+            return {"message": "sync requested"}
+        raise AgentError(f"unknown verb {verb}")
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def _cycle(self, reasons: set[str]) -> None:
+        fetch = reasons != {"drift"}
+        waiters, self.waiters = self.waiters, []
+        self.running = True
+        notify("STATUS=applying")
+        try:
+            result, _ = await asyncio.to_thread(
+                run_cycle, self.cfg, fetch=fetch, lock_wait=3600,
+                should_stop=lambda: self.stopping)
+        except AgentError as e:
+            result = CycleResult(started=time.time(), finished=time.time())
+            result.errors.append(str(e))
+            log.error("daemon: cycle failed: %s", e, extra={"STAGE": "cycle"})
+        finally:
+            self.running = False
+        self.cycles += 1
+        self.last = result
+        if "drift" in reasons:
+            fixed = [c for c in result.changes if c.changed and not c.failed]
+            self.drift_corrections += len(fixed)
+            for c in fixed:
+                log.warning("drift: %s corrected: %s", c.id, c.msg,
+                            extra={"RESOURCE": c.id, "COMMIT": result.commit or "",
+                                   "STAGE": "drift"})
+        if fetch:
+            if result.offline:
+                self.offline_since = self.offline_since or result.started
+                self.backoff = min(self.cfg.interval, max(BACKOFF_START, self.backoff * 2))
+            else:
+                self.offline_since = None
+                self.backoff = 0.0
+        notify(f"STATUS={self._summary()}")
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(result.to_json())
+        if self.watcher is not None:
+            self.watcher.refresh()
+        self._report()
+
+    def _report(self) -> None:
+        """Hand the status to the report sinks; never delays or fails a cycle."""
+        try:
+            from . import report
+
+            report.after_cycle(self.cfg, self.status(), self.last)
+        except Exception as e:  # noqa: BLE001 - reporting must never break the daemon
+            log.warning("report: %s", e, extra={"STAGE": "report"})
+
+    def _summary(self) -> str:
+        r = self.last
+        if r is None:
+            return "starting"
+        text = (f"{r.state} @{(r.commit or '-')[:7]}: {r.changed} changed, {r.failed} failed, "
+                f"drift fixed {self.drift_corrections}")
+        return text + (f"; {self.config_error}" if self.config_error else "")
+
+    async def main_loop(self) -> None:
+        self.trigger("boot")
+        while not self.stopping:
+            now = time.time()
+            if not self.pending:
+                self.next_at = self._next_timer(now)
+            timeout = max(0.0, self.next_at - now) if not self.pending else 0
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=timeout)
+            except TimeoutError:
+                self.pending.add("timer")
+            if self.stopping:
+                break
+            self.wake.clear()
+            reasons, self.pending = self.pending, set()
+            if self.paused() and reasons - {"resume"}:
+                continue
+            await self._cycle(reasons)
+
+    async def _watchdog(self) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if not usec:
+            return
+        while not self.stopping:
+            notify("WATCHDOG=1")  # from the event loop: a blocked loop stops the pings
+            await asyncio.sleep(usec / 2e6)
+
+    def reload(self) -> None:
+        try:
+            cfg = load_file(self.config_path)
+        except AgentError as e:
+            self.config_error = f"reload failed, kept the running config: {e}"
+            log.error("daemon: %s", self.config_error, extra={"STAGE": "reload"})
+            notify(f"STATUS={self._summary()}")
+            return
+        self.cfg = cfg
+        self.host = host_identity(cfg)[0]
+        self.config_error = ""
+        log.info("daemon: reloaded %s", self.config_path, extra={"STAGE": "reload"})
+        if self.watcher is not None:
+            self.watcher.configure(cfg)
+        self.trigger("sighup")
+
+    def stop(self) -> None:
+        if not self.stopping:
+            log.info("daemon: stopping: finishing the resource in progress",
+                     extra={"STAGE": "shutdown"})
+            notify("STOPPING=1")
+        self.stopping = True
+        self.wake.set()
+
+    def _on_sigint(self) -> None:
+        self._sigint += 1
+        if self._sigint > 1:
+            log.error("daemon: second SIGINT: exiting now", extra={"STAGE": "shutdown"})
+            os._exit(130)
+        self.stop()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            # startup: state readable, socket listening, watcher armed, then READY
+            from .state import StateDir
+
+            sd = StateDir(self.cfg.state_dir)
+            sd.ensure()
+            sd.load_state()
+            self.control = ControlServer(self.cfg.socket, self.handle)
+            await self.control.start()
+            if self.cfg.drift != "off":
+                from .drift import DriftWatcher
+
+                self.watcher = DriftWatcher(self)
+                self.watcher.configure(self.cfg)
+                self._spawn(self.watcher.run())
+            self._spawn(self._watchdog())
+            notify("READY=1")
+            notify("STATUS=started")
+            log.info("daemon: ready on %s (host %s, interval %ss)", self.cfg.socket, self.host,
+                     self.cfg.interval, extra={"STAGE": "startup"})
+            await self.main_loop()
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            if self.watcher is not None:
+                self.watcher.close()
+            for t in self.tasks:
+                t.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            for fut in self.waiters:
+                if not fut.done():
+                    fut.set_exception(AgentError("the agent stopped before the cycle ran"))
+            if self.control is not None:
+                await self.control.close()
+            self.stopped.set()
+            log.info("daemon: stopped", extra={"STAGE": "shutdown"})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+def main(config_path: str) -> int:
+    try:
+        daemon_cfg = load_file(config_path)
+    except AgentError as e:
+        raise UsageError(str(e)) from None
+    return asyncio.run(Daemon(config_path, daemon_cfg).run())

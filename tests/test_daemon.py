@@ -1,0 +1,212 @@
+"""The daemon in-process: real event loop, real signals, real socket, real watchfiles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Fleet, write_config
+
+from agent.control import request
+from agent.daemon import Daemon
+from agent.state import StateDir
+
+# the client runs as uid 65534, which cannot reach a venv's interpreter under /root
+OTHER_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else shutil.which("python3")
+
+
+@pytest.fixture
+def denv(tmp_path: Path):
+    fleet = Fleet(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    # short and outside pytest's 0700 tree: sun_path is 108 bytes, and another uid must reach it
+    sockdir = Path(tempfile.mkdtemp(prefix="ga-sock-"))
+    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
+                       state_dir=tmp_path / "state", interval="1h", jitter="0s",
+                       socket=str(sockdir / "agent.sock"))
+    yield {"fleet": fleet, "root": root, "cfg": cfg, "sock": str(sockdir / "agent.sock"),
+           "state": tmp_path / "state", "tmp": tmp_path}
+    shutil.rmtree(sockdir, ignore_errors=True)
+
+
+async def ask(env: dict, verb: str, **kw) -> dict:
+    return await asyncio.to_thread(request, env["sock"], {"verb": verb, **kw}, 60)
+
+
+async def until(pred, timeout: float = 10.0, step: float = 0.05) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+    return time.monotonic() - t0
+
+
+class Running:
+    """Start the daemon as a task in this event loop; stop it with a real SIGTERM."""
+
+    def __init__(self, env: dict) -> None:
+        self.env = env
+        self.d = Daemon(str(env["cfg"]))
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Daemon:
+        self.task = asyncio.ensure_future(self.d.run())
+        await until(lambda: os.path.exists(self.env["sock"]))
+        return self.d
+
+    async def __aexit__(self, *exc) -> None:
+        if not self.d.stopping:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(self.task, 30) == 0
+
+
+def test_lifecycle_sync_pause_resume_and_reload(denv):
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1)
+            st = await ask(denv, "status")
+            assert st["state"] == "converged" and st["applied_commit"] == denv["fleet"].head()
+            assert stat.S_IMODE(os.stat(denv["sock"]).st_mode) == 0o660
+            new = denv["fleet"].commit("v2", files={"hosts/web-01.yaml":
+                                                    "vars: {worker_processes: 3}\n"}, push=True)
+            res = await ask(denv, "sync", wait=True)
+            assert res["commit"] == new and res["state"] == "converged"
+            assert "worker_processes 3;" in (denv["root"] / "etc/nginx/nginx.conf").read_text()
+            assert (await ask(denv, "status"))["applied_commit"] == new
+
+            await ask(denv, "pause", reason="maintenance window")
+            st = await ask(denv, "status")
+            assert st["state"] == "paused" and st["paused"]["reason"] == "maintenance window"
+            with pytest.raises(Exception, match="paused"):
+                await ask(denv, "sync")
+            # persisted: a new daemon on the same state dir is still paused
+            assert json.loads((denv["state"] / "pause.json").read_text())["reason"] == \
+                "maintenance window"
+            n = d.cycles
+            await ask(denv, "resume")
+            await until(lambda: d.cycles > n)
+            assert (await ask(denv, "status"))["state"] == "converged"
+
+            # SIGHUP with a good config: reloaded
+            text = denv["cfg"].read_text()
+            denv["cfg"].write_text(text.replace("interval: 1h", "interval: 2h"))
+            os.kill(os.getpid(), signal.SIGHUP)
+            await until(lambda: d.cfg.interval == 7200)
+            # SIGHUP with a bad one: the old config stays, the error shows in status
+            denv["cfg"].write_text(text + "bogus_key: 1\n")
+            os.kill(os.getpid(), signal.SIGHUP)
+            await until(lambda: bool(d.config_error))
+            st = await ask(denv, "status")
+            assert "unknown key 'bogus_key'" in st["config_error"] and d.cfg.interval == 7200
+            hist = await ask(denv, "history")
+            assert len(hist) == d.cycles
+
+    asyncio.run(main())
+
+
+def test_paused_state_survives_a_restart(denv):
+    StateDir(str(denv["state"])).ensure()
+    (denv["state"] / "pause.json").write_text(json.dumps({"reason": "frozen", "since": 1}))
+
+    async def main():
+        async with Running(denv) as d:
+            await asyncio.sleep(0.5)
+            assert d.cycles == 0
+            assert (await ask(denv, "status"))["state"] == "paused"
+
+    asyncio.run(main())
+
+
+def test_five_triggers_during_a_blocked_cycle_yield_one_more(denv):
+    held = StateDir(str(denv["state"]))
+    held.lock()  # the boot cycle blocks on the state lock until we let go
+
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.running)
+            for _ in range(5):
+                await ask(denv, "sync")
+            held.unlock()
+            await until(lambda: d.cycles >= 2 and not d.running and not d.pending)
+            await asyncio.sleep(0.5)
+            assert d.cycles == 2
+    try:
+        asyncio.run(main())
+    finally:
+        held.unlock()
+    assert len(StateDir(str(denv["state"])).history(0)) == 2
+
+
+def test_sigterm_during_a_cycle_starts_nothing_new_and_exits_0(denv):
+    held = StateDir(str(denv["state"]))
+    held.lock()
+
+    async def main():
+        d = Daemon(str(denv["cfg"]))
+        task = asyncio.ensure_future(d.run())
+        await until(lambda: d.running)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        held.unlock()
+        assert await asyncio.wait_for(task, 30) == 0
+        assert d.last is not None
+        assert all(c.msg == "not applied: shutting down" for c in d.last.changes)
+    try:
+        asyncio.run(main())
+    finally:
+        held.unlock()
+    assert not (denv["root"] / "etc/motd").exists()
+
+
+def test_drift_is_corrected_within_two_seconds_without_loops(denv):
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1 and not d.running)
+            await asyncio.sleep(0.3)  # let the watcher arm on the new directories
+            motd = denv["root"] / "etc/motd"
+            good = motd.read_text()
+            motd.write_text("hacked\n")
+            took = await until(lambda: motd.read_text() == good, timeout=2.0, step=0.01)
+            await until(lambda: not d.running)
+            assert d.drift_corrections == 1, took
+            os.chmod(denv["root"] / "etc/sysctl.d/60-gitops.conf", 0o600)
+            await until(lambda: d.drift_corrections == 2, timeout=2.0)
+            cycles = d.cycles
+            await asyncio.sleep(1.5)  # the corrections' own writes trigger nothing
+            assert d.cycles == cycles
+            st = await ask(denv, "status")
+            assert st["drift_corrections"] == 2
+
+    asyncio.run(main())
+
+
+def test_another_uid_is_refused(denv):
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1)
+            os.chmod(Path(denv["sock"]).parent, 0o755)
+            os.chmod(denv["sock"], 0o666)  # let it connect, so SO_PEERCRED decides
+            code = ("import json, socket, sys; s = socket.socket(socket.AF_UNIX); "
+                    f"s.connect({denv['sock']!r}); "
+                    "s.sendall(json.dumps({'verb': sys.argv[1]}).encode() + b'\\n'); "
+                    "print(s.makefile().readline())")
+            for verb in ("sync", "pause", "status"):
+                p = await asyncio.to_thread(
+                    subprocess.run, [OTHER_PYTHON, "-c", code, verb], capture_output=True,
+                    text=True, user=65534, group=65534, cwd="/", env={})
+                resp = json.loads(p.stdout)
+                assert resp["ok"] is False and "uid 65534 may not" in resp["error"], p
+            assert not (denv["state"] / "pause.json").exists()
+
+    asyncio.run(main())
