@@ -220,6 +220,10 @@ class Daemon:
             result = CycleResult(started=time.time(), finished=time.time())
             result.errors.append(str(e))
             log.error("daemon: cycle failed: %s", e, extra={"STAGE": "cycle"})
+        except Exception as e:  # a bug must fail this cycle, not kill the host's agent
+            result = CycleResult(started=time.time(), finished=time.time())
+            result.errors.append(f"internal error: {type(e).__name__}: {e}")
+            log.exception("daemon: cycle crashed", extra={"STAGE": "cycle"})
         finally:
             self.running = False
         self.cycles += 1
