@@ -104,6 +104,7 @@ class Config:
     jitter: float = 10.0
     drift: str = "correct"
     full_check: float = 3600.0
+    package_backend: str = "auto"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     path: str = ""
@@ -134,6 +135,7 @@ _SCHEMA: dict[str, Any] = {
     "root": (_PATH,), "state_dir": (_PATH,), "socket": (_PATH,),
     "interval": (_DUR,), "jitter": (_DUR,), "full_check": (_DUR,),
     "drift": ("enum", ("correct", "report", "off")),
+    "package_backend": ("enum", ("auto", "apt", "dnf")),
     "limits": ("section", LimitsConfig, {
         "max_blob_size": (_INT,), "max_files": (_INT,), "max_total_size": (_INT,),
     }),

@@ -177,7 +177,9 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             result.errors.append(f"last good {target[:12]}: {e2}")
             return _finish(cfg, state, result, st, None, dry_run), None
 
-    conv = Converger(host, state, manifest, full_check=full_check or dry_run)
+    conv = Converger(host, state, manifest, full_check=full_check or dry_run,
+                     package_backend=None if cfg.package_backend == "auto"
+                     else cfg.package_backend)
     plan = conv.plan(desired)
     escapes = [c for c in plan.changes if c.data.get("refused")]
     if escapes:

@@ -49,8 +49,8 @@ class DriftWatcher:
             return
         managed = {}
         for ident, entry in manifest.get("resources", {}).items():
-            name = entry.get("name")
-            if not name or entry.get("kind") not in ("file", "directory", "symlink"):
+            name = entry.get("path", entry.get("name"))
+            if not name or entry.get("kind") not in ("file", "directory", "symlink", "unit"):
                 continue
             full = self.root.rstrip("/") + name if self.root != "/" else name
             managed[full] = (ident, entry.get("sig"))
