@@ -195,7 +195,9 @@ class Converger:
                         Change(r.identity, failed=True, msg="package operation crashed")
                         for r, _ in todo]):
                     by_id[ch.id] = ch
-        units_changed = False
+        # a package may have shipped or removed unit files: systemd must re-read them
+        # before the service stage, as a Debian postinst would make it do
+        units_changed = any(c.changed and not c.failed for c in by_id.values())
         reloaded = False
         for step in plan.steps:
             ident = step.change.id

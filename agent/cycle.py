@@ -40,6 +40,7 @@ class CycleResult:
     changes: list[Change] = field(default_factory=list)
     last_good: str | None = None
     fast_path: bool = False
+    processes: int = 0  # subprocesses the cycle ran (dpkg-query, systemctl, apt-get, ...)
 
     @property
     def changed(self) -> int:
@@ -59,7 +60,7 @@ class CycleResult:
                "offline": self.offline, "offline_reason": self.offline_reason,
                "rejected": self.rejected, "warnings": self.warnings, "errors": self.errors,
                "changed": self.changed, "failed": self.failed, "last_good": self.last_good,
-               "fast_path": self.fast_path}
+               "fast_path": self.fast_path, "processes": self.processes}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -189,11 +190,13 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
         return _finish(cfg, state, result, st, None, dry_run), plan
     if dry_run:
         result.changes = plan.changes
+        result.processes = host.spawned
         result.state = "planned"
         return _finish(cfg, state, result, st, None, dry_run), plan
 
     changes, new_resources = conv.converge(plan, should_stop)
     result.changes = changes
+    result.processes = host.spawned
     checked_at = now if full_check else manifest.get("full_check_at", now)
     state.save_manifest({"commit": target, "render_key": key, "full_check_at": checked_at,
                          "host": name, "resources": new_resources})

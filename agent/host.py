@@ -21,6 +21,7 @@ class Host:
     def __init__(self, root: str = "/") -> None:
         self.root = os.path.realpath(root)
         self._ids: dict[str, dict[str, int]] = {}
+        self.spawned = 0  # processes run through this host (reported per cycle)
 
     # --- paths -----------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class Host:
     def run(self, argv: list[str], *, timeout: float = 600, env: dict | None = None,
             input: bytes | None = None) -> Result:
         """Run argv (a list, never a shell string) and capture its output."""
+        self.spawned += 1
         try:
             p = subprocess.run(argv, capture_output=True, timeout=timeout, env=env, input=input,
                                check=False)

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -228,11 +227,12 @@ def gpgv(keyring: str, signature: str, payload: bytes) -> list[list[str]]:
         data = os.path.join(tmp, "payload")
         with open(data, "wb") as f:
             f.write(payload)
-        try:
-            p = subprocess.run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring", ring,
-                                sig, data], capture_output=True, timeout=60, check=False)
-        except FileNotFoundError:
-            raise TrustError("gpgv is not installed (package gpgv)", rule="gpgv") from None
+        from .host import Host
+
+        p = Host().run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring", ring, sig,
+                        data], timeout=60)
+        if p.returncode == 127:
+            raise TrustError("gpgv is not installed (package gpgv)", rule="gpgv")
     return [line.split()[1:] for line in p.stdout.decode(errors="replace").splitlines()
             if line.startswith("[GNUPG:] ")]
 

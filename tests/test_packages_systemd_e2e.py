@@ -1,0 +1,152 @@
+"""Packages, units and services converged for real: the agent, installed from its .deb and
+run by its unit in a booted systemd testbed, against a local apt repository of tiny
+.deb packages built with dpkg-deb (file: source inside the rootfs). The test host itself
+is not changed: all of this happens inside the rootfs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Fleet, GitDaemon
+from test_systemd_e2e import agent_yaml, deb  # noqa: F401 - the package fixture
+from testbed import Testbed, available
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+DAEMON = """#!/bin/sh
+# a tiny daemon: logs each start, then idles
+echo "started $$ $(cat /etc/demo-daemon.conf 2>/dev/null)" >> /var/log/demo-daemon.log
+exec sleep infinity
+"""
+DAEMON_UNIT = """[Unit]
+Description=demo daemon from a tiny package
+[Service]
+ExecStart=/usr/bin/demo-daemon
+[Install]
+WantedBy=multi-user.target
+"""
+APP_UNIT = "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n"
+
+
+def build_deb(out: Path, name: str, files: dict[str, tuple[str, int]]) -> None:
+    stage = out / f"stage-{name}"
+    (stage / "DEBIAN").mkdir(parents=True)
+    (stage / "DEBIAN/control").write_text(
+        f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@t>\n"
+        f"Description: tiny test package {name}\n")
+    for path, (text, mode) in files.items():
+        p = stage / path.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        p.chmod(mode)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(stage),
+                    str(out / f"{name}_1.0_all.deb")], check=True, capture_output=True)
+    shutil.rmtree(stage)
+
+
+@pytest.fixture
+def bed(tmp_path: Path, deb):  # noqa: F811
+    tb = Testbed(tmp_path)
+    repo = tb.root / "srv/repo"
+    repo.mkdir(parents=True)
+    build_deb(repo, "gitops-demo-daemon", {"/usr/bin/demo-daemon": (DAEMON, 0o755),
+                                           "/lib/systemd/system/demo-daemon.service":
+                                               (DAEMON_UNIT, 0o644)})
+    build_deb(repo, "gitops-extra", {"/usr/share/gitops-extra/README": ("extra\n", 0o644)})
+    packages = subprocess.run(["dpkg-scanpackages", ".", "/dev/null"], cwd=repo,
+                              capture_output=True, check=True).stdout
+    (repo / "Packages").write_bytes(packages)
+    (tb.root / "etc/apt/sources.list").write_text("deb [trusted=yes] file:/srv/repo ./\n")
+    shutil.copy(deb, tb.root / "root/agent.deb")
+    tb.boot()
+    tb.run("dpkg", "-i", "/root/agent.deb")
+    yield tb
+    tb.stop()
+
+
+def role(packages: str, files: str, units: str, services: str) -> str:
+    return f"packages: {{{packages}}}\nfiles: {{{files}}}\nunits: {{{units}}}\n" \
+           f"services: {{{services}}}\n"
+
+
+def test_packages_units_services(tmp_path, bed):
+    (tmp_path / "git").mkdir()
+    fleet = Fleet(tmp_path / "git", files={
+        "fleet.yaml": "groups:\n  - roles: [app]\n",
+        "roles/app.yaml": role(
+            "gitops-demo-daemon: present, gitops-extra: present",
+            '/etc/demo-daemon.conf: {content: "v1\\n", notify: [demo-daemon.service]}',
+            f"fleet-app.service: {{content: {json.dumps(APP_UNIT)}}}",
+            "fleet-app.service: {enabled: true, active: true}, "
+            "demo-daemon.service: {enabled: true, active: true}")})
+    daemon = GitDaemon(tmp_path / "git")
+    daemon.start()
+    try:
+        cfg = agent_yaml(daemon.url("fleet.git")).replace(
+            "trust: {allowed_signers: /etc/gitops-agent/allowed_signers, unsigned: refuse}",
+            "trust: {unsigned: allow}")
+        (bed.root / "etc/gitops-agent/agent.yaml").write_text(cfg)
+        bed.run("systemctl", "start", "gitops-agent.service", timeout=120)
+
+        def sync() -> dict:
+            out = bed.run("gitops-agent", "sync", "--wait", "--json", check=False, timeout=300)
+            return json.loads(out.stdout)
+
+        def show(unit: str, prop: str) -> str:
+            return bed.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
+
+        res = sync()
+        assert res["state"] == "converged", res
+        assert "install ok installed" in bed.run("dpkg-query", "-W", "-f=${Status}",
+                                                 "gitops-demo-daemon").stdout
+        assert show("fleet-app.service", "ActiveState") == "active"
+        assert show("fleet-app.service", "UnitFileState") == "enabled"
+        assert show("demo-daemon.service", "ActiveState") == "active"
+        log = bed.root / "var/log/demo-daemon.log"
+        assert log.read_text().count("started") == 1  # started, not restarted on top
+        pid = show("demo-daemon.service", "MainPID")
+
+        # a config change restarts the service exactly once
+        fleet.commit("v2", files={"roles/app.yaml": (fleet.work / "roles/app.yaml").read_text()
+                                  .replace('"v1\\n"', '"v2\\n"')}, push=True)
+        res = sync()
+        assert res["state"] == "converged", res
+        assert show("demo-daemon.service", "MainPID") != pid
+        assert log.read_text().splitlines()[-1].endswith("v2")
+        assert log.read_text().count("started") == 2
+
+        # a package that does not exist fails that resource with apt's message; the rest
+        # converges and last good does not advance
+        good = res["commit"]
+        text = (fleet.work / "roles/app.yaml").read_text()
+        broken = text.replace("gitops-extra: present", "gitops-extra: present, nosuch-pkg: present")
+        broken = broken.replace("files: {", 'files: {/etc/also.conf: {content: "x\\n"}, ')
+        fleet.commit("broken", files={"roles/app.yaml": broken}, push=True)
+        res = sync()
+        assert res["state"] == "failed"
+        failed = {c["id"]: c["msg"] for c in res["changes"] if c["failed"]}
+        assert list(failed) == ["package[nosuch-pkg]"]
+        assert "Unable to locate package nosuch-pkg" in failed["package[nosuch-pkg]"]
+        assert (bed.root / "etc/also.conf").read_text() == "x\n"
+        st = bed.run("gitops-agent", "status", "--json", check=False)
+        assert st.returncode == 1  # status exits 1 while the host is failed
+        assert json.loads(st.stdout)["last_good"] == good
+
+        # removing the unit from Git stops, disables and deletes it; absent removes a package
+        final = role("gitops-demo-daemon: present, gitops-extra: absent",
+                     '/etc/demo-daemon.conf: {content: "v2\\n", notify: [demo-daemon.service]}',
+                     "", "demo-daemon.service: {enabled: true, active: true}")
+        fleet.commit("remove app unit", files={"roles/app.yaml": final}, push=True)
+        res = sync()
+        assert res["state"] == "converged", res
+        assert not (bed.root / "etc/systemd/system/fleet-app.service").exists()
+        assert show("fleet-app.service", "ActiveState") == "inactive"
+        assert bed.run("dpkg-query", "-W", "-f=${Status}", "gitops-extra",
+                       check=False).stdout.find("install ok installed") < 0
+        assert log.read_text().count("started") == 2  # nothing notified it this time
+    finally:
+        daemon.stop()
