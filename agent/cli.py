@@ -99,6 +99,10 @@ def cmd_apply(args: argparse.Namespace, plan_only: bool = False) -> int:
     dry = plan_only or getattr(args, "dry_run", False)
     result, _plan = run_cycle(cfg, dry_run=dry, lock_wait=getattr(args, "wait", 0.0))
     _print(result.to_json(), args.json, _human_cycle(result, dry))
+    if not dry and (cfg.report.sftp is not None or cfg.report.metrics_textfile):
+        from .report import send_now, status_json
+
+        send_now(cfg, status_json(cfg, result), result)
     if dry:
         return 1 if result.errors or result.failed else 0
     return 0 if result.state in ("converged", "offline") else 1

@@ -41,6 +41,7 @@ class CycleResult:
     last_good: str | None = None
     fast_path: bool = False
     processes: int = 0  # subprocesses the cycle ran (dpkg-query, systemctl, apt-get, ...)
+    commit_time: int = 0  # committer time of the applied commit (tip age, freshness)
 
     @property
     def changed(self) -> int:
@@ -60,7 +61,8 @@ class CycleResult:
                "offline": self.offline, "offline_reason": self.offline_reason,
                "rejected": self.rejected, "warnings": self.warnings, "errors": self.errors,
                "changed": self.changed, "failed": self.failed, "last_good": self.last_good,
-               "fast_path": self.fast_path, "processes": self.processes}
+               "fast_path": self.fast_path, "processes": self.processes,
+               "commit_time": self.commit_time}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -141,6 +143,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             result.state = "rejected" if result.rejected else "failed"
             return _finish(cfg, state, result, st, None, dry_run), None
     result.commit = target
+    result.commit_time = mirror.repo[target].commit_time
 
     # render (skipped on the fast path: same commit, same host, nothing drifted)
     from . import facts as facts_mod

@@ -21,7 +21,6 @@ import socket
 import time
 from typing import Any
 
-from . import __version__
 from .config import Config, load_file
 from .control import ControlServer
 from .cycle import CycleResult, host_identity, run_cycle
@@ -81,6 +80,7 @@ class Daemon:
         self.watcher: Any = None
         self.tasks: set[asyncio.Task] = set()
         self._sigint = 0
+        self._flushing = False
 
     # --- triggers ----------------------------------------------------------------------
 
@@ -135,41 +135,20 @@ class Daemon:
     # --- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        from .report import status_json
+
         last = self.last
         paused = self.paused()
-        if paused:
-            state = "paused"
-        elif self.running:
-            state = "applying"
-        elif last is None:
-            state = "starting"
-        else:
-            state = last.state
-        st: dict[str, Any] = {}
-        try:
-            from .state import StateDir
-
-            st = StateDir(self.cfg.state_dir).load_state()
-        except AgentError:
-            pass
-        return {
-            "host": self.host, "state": state, "version": __version__,
-            "applied_commit": last.commit if last else st.get("last_cycle", {}).get("commit"),
-            "signer": last.signer if last else st.get("last_good_signer"),
-            "last_good": st.get("last_good"),
-            "fetched_tip": last.tip if last else None,
-            "last_cycle": last.to_json(with_changes=False) if last else None,
-            "offline_since": self.offline_since,
-            "offline_reason": last.offline_reason if last and last.offline else "",
-            "rejected": last.rejected if last else "",
-            "next_cycle_at": self.next_at or None,
-            "drift_corrections": self.drift_corrections,
+        live: dict[str, Any] = {
+            "offline_since": self.offline_since, "next_cycle_at": self.next_at or None,
+            "drift_corrections": self.drift_corrections, "cycles": self.cycles,
             "drift_detected": self.watcher.reported if self.watcher is not None else 0,
-            "cycles": self.cycles,
-            "paused": paused,
-            "config_error": self.config_error,
-            "warnings": last.warnings if last else [],
-        }
+            "paused": paused, "config_error": self.config_error}
+        if paused:
+            live["state"] = "paused"
+        elif self.running:
+            live["state"] = "applying"
+        return status_json(self.cfg, last, **live)
 
     # --- control socket verbs -----------------------------------------------------------
 
@@ -258,6 +237,31 @@ class Daemon:
             report.after_cycle(self.cfg, self.status(), self.last)
         except Exception as e:  # noqa: BLE001 - reporting must never break the daemon
             log.warning("report: %s", e, extra={"STAGE": "report"})
+        if self.cfg.report.sftp is not None and not self._flushing:
+            self._spawn(self._flush())
+
+    async def _flush(self) -> None:
+        from .report import flush_sftp
+
+        self._flushing = True
+        try:
+            sent = await asyncio.wait_for(flush_sftp(self.cfg, self.host), 60)
+            if sent:
+                log.info("report: sent %d report(s) to %s", sent, self.cfg.report.sftp.host,
+                         extra={"STAGE": "report"})
+        except Exception as e:  # noqa: BLE001 - unreachable: the queue keeps them
+            log.warning("report: sftp to %s failed, reports stay queued: %s",
+                        self.cfg.report.sftp.host, e or type(e).__name__,
+                        extra={"STAGE": "report"})
+        finally:
+            self._flushing = False
+
+    async def _heartbeat(self) -> None:
+        """Report even when nothing happens, so a silent host shows up as stale."""
+        while not self.stopping:
+            await asyncio.sleep(self.cfg.report.heartbeat)
+            if self.cfg.report.sftp is not None or self.cfg.report.metrics_textfile:
+                self._report()
 
     def _summary(self) -> str:
         r = self.last
@@ -346,6 +350,7 @@ class Daemon:
                 self.watcher.configure(self.cfg)
                 self._spawn(self.watcher.run())
             self._spawn(self._watchdog())
+            self._spawn(self._heartbeat())
             notify("READY=1")
             notify("STATUS=started")
             log.info("daemon: ready on %s (host %s, interval %ss)", self.cfg.socket, self.host,

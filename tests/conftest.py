@@ -191,3 +191,59 @@ def env(tmp_path: Path, fleet: Fleet) -> dict:
                        state_dir=tmp_path / "state")
     return {"root": root, "cfg": cfg, "state": tmp_path / "state", "fleet": fleet,
             "tmp": tmp_path}
+
+
+class Sshd:
+    """A real OpenSSH sshd on 127.0.0.1 with its own config, host key and authorized keys
+    in a temp dir; it serves git-upload-pack (ssh:// fetch) and SFTP (report drop)."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base / "sshd"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.host_key = ssh_key(self.dir / "host_key")
+        self.client_key = ssh_key(self.dir / "client_key")
+        (self.dir / "authorized_keys").write_text(
+            (self.dir / "client_key.pub").read_text())
+        self.known_hosts = self.dir / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} "
+                                    + " ".join((self.dir / "host_key.pub").read_text()
+                                               .split()[:2]) + "\n")
+        (self.dir / "sshd_config").write_text(f"""Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {self.host_key}
+PidFile {self.dir}/sshd.pid
+AuthorizedKeysFile {self.dir}/authorized_keys
+StrictModes no
+UsePAM no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+Subsystem sftp internal-sftp
+LogLevel ERROR
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        # sshd insists on its privilege-separation directory; the package makes it at boot
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f",
+                                      str(self.dir / "sshd_config")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"sshd exited: {err}") from None
+                time.sleep(0.05)
+        raise RuntimeError("sshd did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None

@@ -1,0 +1,182 @@
+"""Real transports and fleet visibility: ssh:// fetch through a real sshd with pinned
+host keys, https:// through `git http-backend` behind a TLS server with a test CA,
+reports to an SFTP drop on that sshd, the metrics textfile, and `fleet status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Fleet, Sshd, agent, ssh_key, write_config
+
+
+@pytest.fixture
+def sshd(tmp_path: Path):
+    s = Sshd(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def ssh_config(tmp_path: Path, fleet: Fleet, sshd: Sshd, known_hosts: Path, name: str = "a"):
+    root = tmp_path / f"root-{name}"
+    root.mkdir(exist_ok=True)
+    url = f"ssh://root@127.0.0.1:{sshd.port}{fleet.bare}"
+    return write_config(tmp_path / f"{name}.yaml", url=url, root=root,
+                        state_dir=tmp_path / f"state-{name}",
+                        source={"ssh_key": str(sshd.client_key),
+                                "known_hosts": str(known_hosts), "timeout": "10s"})
+
+
+def test_ssh_fetch_with_pinned_host_key(tmp_path, fleet, sshd):
+    cfg = ssh_config(tmp_path, fleet, sshd, sshd.known_hosts)
+    out = json.loads(agent("apply", "--config", str(cfg), "--json", check=0).stdout)
+    assert out["commit"] == fleet.head() and not out["offline"]
+    assert (tmp_path / "root-a/etc/motd").exists()
+
+
+def test_ssh_wrong_host_key_is_refused_showing_the_offered_fingerprint(tmp_path, fleet, sshd):
+    other = ssh_key(tmp_path / "other_host_key")
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} "
+                     + " ".join(other.with_suffix(".pub").read_text().split()[:2]) + "\n")
+    cfg = ssh_config(tmp_path, fleet, sshd, wrong, "w")
+    p = agent("apply", "--config", str(cfg), "--json", check=1)
+    fp = __import__("subprocess").run(["ssh-keygen", "-lf", str(sshd.host_key) + ".pub"],
+                                      capture_output=True, text=True).stdout.split()[1]
+    assert "host key of" in p.stdout and fp in p.stdout
+    assert not (tmp_path / "root-w/etc/motd").exists()
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cfg = ssh_config(tmp_path, fleet, sshd, empty, "e")
+    assert fp in agent("apply", "--config", str(cfg), "--json", check=1).stdout
+
+
+def report_config(tmp_path: Path, fleet: Fleet, sshd: Sshd, drop: Path, name: str):
+    root = tmp_path / f"root-{name}"
+    root.mkdir(exist_ok=True)
+    return write_config(tmp_path / f"{name}.yaml", url=fleet.bare, root=root,
+                        state_dir=tmp_path / f"state-{name}",
+                        host={"name": name, "labels": {"env": "prod"}},
+                        report={"sftp": {"host": "127.0.0.1", "port": sshd.port,
+                                         "user": "root", "key": str(sshd.client_key),
+                                         "known_hosts": str(sshd.known_hosts),
+                                         "dir": str(drop)},
+                                "metrics_textfile": str(tmp_path / f"{name}.prom")})
+
+
+def test_three_agents_report_to_one_sftp_drop_and_fleet_status(tmp_path, fleet, sshd):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for name in ("web-01", "web-02", "db-01"):
+        agent("apply", "--config", str(report_config(tmp_path, fleet, sshd, drop, name)),
+              check=0)
+    reports = sorted(p.name for p in drop.iterdir())
+    assert reports == ["db-01.history.jsonl", "db-01.json", "web-01.history.jsonl",
+                       "web-01.json", "web-02.history.jsonl", "web-02.json"]
+    rep = json.loads((drop / "web-01.json").read_text())
+    assert rep["host"] == "web-01" and rep["applied_commit"] == fleet.head()
+    assert rep["state"] == "converged"
+    p = agent("fleet", "status", "--reports", str(drop), "--repo", str(fleet.work), check=0)
+    assert f"{fleet.head()[:7]}: 3/3 hosts converged, 0 failed, 0 stale" in p.stdout
+    # a new tip: every host is one commit behind, still not failed
+    fleet.commit("next", files={"hosts/web-01.yaml": "vars: {worker_processes: 9}\n"})
+    data = json.loads(agent("fleet", "status", "--reports", str(drop), "--repo",
+                            str(fleet.work), "--json", check=0).stdout)
+    assert {r["host"]: r["behind"] for r in data["rows"]} == {"web-01": 1, "web-02": 1,
+                                                               "db-01": 1}
+    # a stale report makes the exit non-zero (alerts, CI gates)
+    old = json.loads((drop / "db-01.json").read_text())
+    old["reported_at"] = time.time() - 3600
+    (drop / "db-01.json").write_text(json.dumps(old))
+    p = agent("fleet", "status", "--reports", str(drop), "--stale", "15m", check=1)
+    assert "1 stale" in p.stdout and "STALE" in p.stdout
+
+
+def test_reports_queue_while_sshd_is_down_and_flush_in_order(tmp_path, fleet, sshd):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = report_config(tmp_path, fleet, sshd, drop, "web-01")
+    agent("apply", "--config", str(cfg), check=0)
+    sshd.stop()
+    for _ in range(3):
+        p = agent("apply", "--config", str(cfg), check=0)  # reporting never fails a cycle
+        assert "report queued" in p.stderr
+    queued = sorted((tmp_path / "state-web-01/report-queue").glob("*.json"))
+    assert len(queued) == 3
+    sshd.start()
+    agent("apply", "--config", str(cfg), check=0)
+    lines = (drop / "web-01.history.jsonl").read_text().splitlines()
+    seqs = [json.loads(line)["seq"] for line in lines]
+    assert seqs == [1, 2, 3, 4, 5]  # nothing lost, order kept
+    assert json.loads((drop / "web-01.json").read_text())["seq"] == 5
+    assert list((tmp_path / "state-web-01/report-queue").glob("*.json")) == []
+    assert not any(p.name.startswith(".") for p in drop.iterdir())  # no temp file left
+
+
+def test_metrics_textfile_parses_with_prometheus_client(tmp_path, fleet, sshd):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = report_config(tmp_path, fleet, sshd, drop, "web-01")
+    agent("apply", "--config", str(cfg), check=0)
+    text = (tmp_path / "web-01.prom").read_text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    info = fams["gitops_agent_applied_commit_info"].samples[0]
+    assert info.labels["commit"] == fleet.head()
+    assert fams["gitops_agent_last_cycle_duration_seconds"].samples[0].value >= 0
+    states = {s.labels["state"]: s.value for s in fams["gitops_agent_state"].samples}
+    assert states["converged"] == 1
+    res = {s.labels["state"]: s.value for s in fams["gitops_agent_resources"].samples}
+    assert res["changed"] == 7
+    assert "gitops_agent_drift_corrections" in fams  # counters drop the _total suffix
+    assert fams["gitops_agent_tip_age_seconds"].samples[0].value >= 0
+    assert not any(n.startswith(".") for n in os.listdir(tmp_path) if n.endswith(".prom"))
+
+
+@pytest.fixture
+def https(tmp_path: Path, fleet: Fleet):
+    from httpsgit import HttpsGit
+
+    srv = HttpsGit(fleet.bare.parent, tmp_path / "certs", "fleet", "s3cret-token")
+    yield srv
+    srv.stop()
+
+
+def https_config(tmp_path: Path, https, name: str, token: str, ca: Path):
+    root = tmp_path / f"root-{name}"
+    root.mkdir(exist_ok=True)
+    tok = tmp_path / f"token-{name}"
+    tok.write_text(token + "\n")
+    return write_config(tmp_path / f"{name}.yaml", url=https.url("fleet.git"), root=root,
+                        state_dir=tmp_path / f"state-{name}",
+                        source={"token_file": str(tok), "ca_bundle": str(ca),
+                                "timeout": "10s"})
+
+
+def test_https_fetch_with_token_and_test_ca(tmp_path, fleet, https):
+    cfg = https_config(tmp_path, https, "ok", "fleet:s3cret-token", tmp_path / "certs/ca.pem")
+    p = agent("apply", "--config", str(cfg), "--json", check=0)
+    assert json.loads(p.stdout)["commit"] == fleet.head()
+    assert "s3cret-token" not in p.stdout + p.stderr
+    state = tmp_path / "state-ok"
+    assert not any("s3cret-token" in f.read_text(errors="replace")
+                   for f in state.glob("*.json*"))
+
+
+def test_https_wrong_token_and_unknown_ca_are_refused(tmp_path, fleet, https):
+    cfg = https_config(tmp_path, https, "bad", "fleet:wrong", tmp_path / "certs/ca.pem")
+    p = agent("apply", "--config", str(cfg), "--json", check=1)
+    assert "authentication to 127.0.0.1 failed" in p.stdout
+    assert "wrong" not in p.stdout + p.stderr
+    from httpsgit import make_ca
+
+    other_ca, _, _ = make_ca(tmp_path / "other-ca", "Other CA")
+    cfg = https_config(tmp_path, https, "ca", "fleet:s3cret-token", other_ca)
+    p = agent("apply", "--config", str(cfg), "--json", check=1)
+    assert "TLS certificate of 127.0.0.1 is not trusted by" in p.stdout
+    assert not (tmp_path / "root-ca/etc/motd").exists()
