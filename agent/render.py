@@ -44,6 +44,7 @@ class Resource:
     spec: dict[str, Any]
     origin: str
     content: bytes | None = None
+    _digest: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def identity(self) -> str:
@@ -54,13 +55,16 @@ class Resource:
         return tuple(self.spec.get("notify", ()))
 
     def digest(self) -> str:
-        """Changes when anything about the desired state of this resource changes."""
-        h = hashlib.sha256(json.dumps([self.kind, self.name, self.spec], sort_keys=True,
-                                      default=str).encode())
-        if self.content is not None:
-            h.update(b"\0")
-            h.update(self.content)
-        return h.hexdigest()
+        """Changes when anything about the desired state of this resource changes.
+        Computed once: a Resource is not changed after render builds it."""
+        if self._digest is None:
+            h = hashlib.sha256(json.dumps([self.kind, self.name, self.spec], sort_keys=True,
+                                          default=str).encode())
+            if self.content is not None:
+                h.update(b"\0")
+                h.update(self.content)
+            self._digest = h.hexdigest()
+        return self._digest
 
     def to_json(self, with_content: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.identity, "kind": self.kind, "name": self.name,

@@ -42,6 +42,8 @@ print(same)
 
 
 def run(argv: list[str], env: dict | None = None) -> tuple[float, float]:
+    env = env if env is not None else {k: v for k, v in os.environ.items()
+                                       if k != "PYTHONDONTWRITEBYTECODE"}
     with tempfile.TemporaryFile() as errf:
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf, env=env)
@@ -91,6 +93,12 @@ def main() -> None:
         cfg = tmp / "agent.yaml"
         cfg.write_text(f"source: {{url: {bare}, branch: main}}\nhost: {{name: bench-01}}\n"
                        f"trust: {{unsigned: allow}}\nroot: {root}\nstate_dir: {tmp / 'state'}\n")
+        # byte-compile the agent as an installed package is (the .deb's postinst does);
+        # with PYTHONDONTWRITEBYTECODE set, every run would compile it again
+        import agent as agent_pkg
+
+        subprocess.run([sys.executable, "-m", "compileall", "-q",
+                        os.path.dirname(agent_pkg.__file__)], check=True)
         agent = [sys.executable, "-m", "agent.cli", "apply", "--config", str(cfg)]
         exe = shutil.which("gitops-agent", path=os.path.dirname(sys.executable))
         if exe:

@@ -56,6 +56,8 @@ cat > "$stage/DEBIAN/postinst" <<'POSTINST'
 set -e
 if [ "$1" = configure ]; then
     getent group gitops-agent >/dev/null || addgroup --system --quiet gitops-agent
+    # byte-compile once here: every `gitops-agent` start would otherwise compile again
+    python3 -m compileall -q /usr/lib/gitops-agent >/dev/null 2>&1 || true
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true
         # restart a running agent on upgrade; a fresh install waits for the operator
@@ -70,6 +72,7 @@ set -e
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
     systemctl disable --now gitops-agent.service || true
 fi
+find /usr/lib/gitops-agent -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true
 exit 0
 PRERM
 cat > "$stage/DEBIAN/postrm" <<'POSTRM'
