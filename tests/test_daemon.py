@@ -210,3 +210,42 @@ def test_another_uid_is_refused(denv):
             assert not (denv["state"] / "pause.json").exists()
 
     asyncio.run(main())
+
+
+def test_drift_report_mode_logs_and_counts_but_does_not_correct(denv):
+    denv["cfg"].write_text(denv["cfg"].read_text() + "drift: report\n")
+
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1 and not d.running)
+            await asyncio.sleep(0.3)
+            motd = denv["root"] / "etc/motd"
+            motd.write_text("hand edit\n")
+            await until(lambda: d.watcher.reported == 1, timeout=2.0)
+            await asyncio.sleep(0.5)
+            assert motd.read_text() == "hand edit\n" and d.cycles == 1
+            st = await ask(denv, "status")
+            assert st["drift_detected"] == 1 and st["drift_corrections"] == 0
+
+    asyncio.run(main())
+
+
+def test_fetch_failures_back_off_and_converge_last_good(denv):
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1 and not d.running)
+            shutil.move(str(denv["fleet"].bare), str(denv["tmp"] / "gone.git"))
+            (denv["root"] / "etc/motd").write_text("drift while offline\n")
+            await ask(denv, "sync", wait=True)
+            assert d.backoff == 5.0 and d.offline_since is not None
+            assert d.next_at - time.time() <= 5.5  # retry soon, not after the 1h interval
+            await ask(denv, "sync", wait=True)
+            assert d.backoff == 10.0
+            st = await ask(denv, "status")
+            assert st["state"] == "offline" and "fleet.git" in st["offline_reason"]
+            assert "managed by gitops-agent" in (denv["root"] / "etc/motd").read_text()
+            shutil.move(str(denv["tmp"] / "gone.git"), str(denv["fleet"].bare))
+            await ask(denv, "sync", wait=True)
+            assert d.backoff == 0 and d.offline_since is None
+
+    asyncio.run(main())
