@@ -13,6 +13,7 @@ Vars precedence, lowest first: role `vars` (in role order), fleet `vars`, group
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import json
@@ -75,7 +76,7 @@ class Resource:
                 try:
                     out["content"] = self.content.decode()
                 except UnicodeDecodeError:
-                    out["content_base64"] = __import__("base64").b64encode(self.content).decode()
+                    out["content_base64"] = base64.b64encode(self.content).decode()
         return out
 
 

@@ -268,10 +268,6 @@ def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
 # --- policy ----------------------------------------------------------------------------
 
 
-def _policy_digest(tcfg: TrustConfig, verifier: Verifier) -> str:
-    return hashlib.sha256(f"{verifier.digest}".encode()).hexdigest()[:32]
-
-
 def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any]) -> Verdict:
     """Decide whether `tip` may be applied; raise TrustError (commit, rule, key) if not."""
     last_good = st.get("last_good")
@@ -313,7 +309,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
         raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
                          "trust.unsigned is refuse: nothing can be trusted", commit=tip,
                          rule="trust-files")
-    cache_key = _policy_digest(tcfg, verifier)
+    cache_key = verifier.digest  # a verdict depends on the commit and the trust files only
     cache = state.load_verdicts() if state is not None else {}
     if cache.get("key") != cache_key:
         cache = {"key": cache_key, "verdicts": {}}

@@ -34,6 +34,7 @@ LAUNCH
 chmod 0755 "$stage/usr/bin/gitops-agent"
 install -m 0644 "$top/units/gitops-agent.service" "$stage/lib/systemd/system/"
 install -m 0644 "$top/packaging/agent.yaml" "$stage/etc/gitops-agent/agent.yaml"
+install -D -m 0644 "$top/README.md" "$stage/usr/share/doc/gitops-agent/README.md"
 echo /etc/gitops-agent/agent.yaml > "$stage/DEBIAN/conffiles"
 size=$(du -sk "$stage" | cut -f1)
 cat > "$stage/DEBIAN/control" <<CONTROL

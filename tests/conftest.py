@@ -141,6 +141,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, port: int, what: str, timeout: float = 10) -> None:
+    """Wait until a server we started accepts on 127.0.0.1:port, or say why not."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"{what} exited: {err}") from None
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
+def stop_server(server: GitDaemon | Sshd) -> None:
+    if server.proc:
+        server.proc.terminate()
+        server.proc.wait(10)
+        server.proc = None
+
+
 class GitDaemon:
     """A real `git daemon` on 127.0.0.1 serving one base path."""
 
@@ -153,21 +175,11 @@ class GitDaemon:
         self.proc = subprocess.Popen(
             ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1",
              f"--port={self.port}", f"--base-path={self.base}", str(self.base)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("git daemon did not start")
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_listening(self.proc, self.port, "git daemon")
 
     def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+        stop_server(self)
 
     def url(self, name: str) -> str:
         return f"git://127.0.0.1:{self.port}/{name}"
@@ -230,20 +242,7 @@ LogLevel ERROR
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f",
                                       str(self.dir / "sshd_config")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    raise RuntimeError(f"sshd exited: {err}") from None
-                time.sleep(0.05)
-        raise RuntimeError("sshd did not start")
+        wait_listening(self.proc, self.port, "sshd")
 
     def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+        stop_server(self)
