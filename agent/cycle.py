@@ -174,6 +174,8 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             return _finish(cfg, state, result, st, None, dry_run), None
         # the host keeps enforcing last good while the tip cannot be rendered
         target = result.commit = last_good
+        result.signer = st.get("last_good_signer")
+        result.commit_time = mirror.repo[target].commit_time
         key = render_key(target, name, labels, facts.digest())
         try:
             desired = render(mirror.tree(target, cfg.limits), name, labels, facts, jcache)
@@ -208,7 +210,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             st["last_good"] = target
             st["last_good_time"] = time.time()
             st["last_good_signer"] = result.signer
-            st["last_good_committer_time"] = mirror.repo[target].commit_time
+            st["last_good_committer_time"] = result.commit_time
             mirror.set_ref(LAST_GOOD_REF, target)
         result.last_good = target
     result.state = _final_state(result)

@@ -238,12 +238,12 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - reporting must never break the daemon
             log.warning("report: %s", e, extra={"STAGE": "report"})
         if self.cfg.report.sftp is not None and not self._flushing:
+            self._flushing = True  # set before the task runs: one flush at a time
             self._spawn(self._flush())
 
     async def _flush(self) -> None:
         from .report import flush_sftp
 
-        self._flushing = True
         try:
             sent = await asyncio.wait_for(flush_sftp(self.cfg, self.host), 60)
             if sent:
