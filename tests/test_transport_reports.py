@@ -180,3 +180,42 @@ def test_https_wrong_token_and_unknown_ca_are_refused(tmp_path, fleet, https):
     p = agent("apply", "--config", str(cfg), "--json", check=1)
     assert "TLS certificate of 127.0.0.1 is not trusted by" in p.stdout
     assert not (tmp_path / "root-ca/etc/motd").exists()
+
+
+def test_daemon_reports_after_each_cycle_and_as_a_heartbeat(tmp_path, fleet, sshd):
+    import asyncio
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from agent.daemon import Daemon
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = report_config(tmp_path, fleet, sshd, drop, "web-01")
+    sockdir = Path(tempfile.mkdtemp(prefix="ga-sock-"))  # sun_path is 108 bytes
+    data = yaml.safe_load(cfg.read_text())
+    data.update(interval="1h", socket=str(sockdir / "a.sock"))
+    data["report"]["heartbeat"] = "1s"
+    cfg.write_text(yaml.safe_dump(data))
+
+    async def main():
+        d = Daemon(str(cfg))
+        task = asyncio.ensure_future(d.run())
+        history = drop / "web-01.history.jsonl"
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if history.exists() and len(history.read_text().splitlines()) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        d.stop()
+        assert await asyncio.wait_for(task, 30) == 0
+        return d.cycles
+
+    cycles = asyncio.run(main())
+    shutil.rmtree(sockdir, ignore_errors=True)
+    lines = [json.loads(x) for x in (drop / "web-01.history.jsonl").read_text().splitlines()]
+    assert len(lines) >= 3 and cycles <= 2  # more reports than cycles: the heartbeat
+    assert [x["seq"] for x in lines] == list(range(1, len(lines) + 1))
+    assert lines[0]["applied_commit"] == fleet.head()
