@@ -22,7 +22,7 @@ DEFAULT_CONFIG = "/etc/gitops-agent/agent.yaml"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # exit 2 with one line, like the contract says
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pygit2
 
 from .config import LimitsConfig, SourceConfig
-from .errors import SourceError, TreeError
+from .errors import SourceError, TreeError, UsageError
 
 log = logging.getLogger("agent.source")
 
@@ -119,7 +119,7 @@ class Mirror:
             obj = self.repo.revparse_single(rev)
             return str(obj.peel(pygit2.Commit).id)
         except (KeyError, pygit2.GitError, ValueError):
-            raise SourceError(f"source: revision {rev!r} not found in {self.path}") from None
+            raise UsageError(f"revision {rev!r} not found in {self.path}") from None
 
     def raw_commit(self, commit: str) -> bytes:
         """The commit object's bytes exactly as signed (for trust, not for render)."""
@@ -140,7 +140,7 @@ def open_repo(path: str) -> Mirror:
     try:
         m.repo = pygit2.Repository(path)
     except pygit2.GitError:
-        raise SourceError(f"source: {path} is not a git repository") from None
+        raise UsageError(f"{path} is not a git repository") from None
     return m
 
 

@@ -145,3 +145,15 @@ def test_bad_config(tmp_path, name, text, words):
 def test_bad_usage_exits_2():
     p = agent("render", "--repo", ".", check=2)
     assert "--host" in p.stderr
+
+
+def test_render_and_verify_bad_repo_or_rev_exit_2(tmp_path, fleet):
+    p = agent("render", "--repo", str(tmp_path), "--host", "x", check=2)
+    assert "is not a git repository" in p.stderr
+    signers = tmp_path / "allowed"
+    signers.write_text("")
+    p = agent("verify", "--repo", str(fleet.work), "--rev", "nope", "--allowed-signers",
+              str(signers), check=2)
+    assert "revision 'nope' not found" in p.stderr
+    p = agent(check=2)
+    assert "required: verb" in p.stderr and p.stderr.count("gitops-agent:") == 1
