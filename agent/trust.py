@@ -137,14 +137,11 @@ class Verifier:
         self.revoked: set[str] = set()
         self.gpg_keyring = gpg_keyring
         self.error: TrustError | None = None  # an invalid trust file: every verdict is bad
-        hasher = hashlib.sha256()
         try:
-            for path in (allowed_signers, gpg_keyring, revoked_keys):
-                hasher.update(_read_trust_file(path) if path else b"-")
+            self.digest = trust_digest(allowed_signers, gpg_keyring, revoked_keys)
         except TrustError as e:
             self.error = e
-        self.digest = hasher.hexdigest()
-        if self.error is not None:
+            self.digest = ""
             return
         try:
             if allowed_signers:
@@ -188,6 +185,15 @@ class Verifier:
                              rule="untrusted-key")
         status = gpgv(self.gpg_keyring, sc.signature or "", sc.payload)
         return _gpg_verdict(status, commit)
+
+
+def trust_digest(*paths: str | None) -> str:
+    """What a verdict depends on besides the commit: the contents of the trust files."""
+    hasher = hashlib.sha256()
+    for path in paths:
+        hasher.update(_read_trust_file(path) if path else b"-")
+        hasher.update(b"\0")
+    return hasher.hexdigest()
 
 
 def _read_trust_file(path: str) -> bytes:
@@ -304,15 +310,19 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
         log.warning("verify: %s", msg, extra={"COMMIT": tip, "STAGE": "verify"})
         return Verdict(tip, True, None, None, msg, "unsigned-allowed", warnings + [msg])
 
-    verifier = Verifier(tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
     if not tcfg.allowed_signers and not tcfg.gpg_keyring:
         raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
                          "trust.unsigned is refuse: nothing can be trusted", commit=tip,
                          rule="trust-files")
-    cache_key = verifier.digest  # a verdict depends on the commit and the trust files only
+    paths = (tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
+    try:
+        cache_key = trust_digest(*paths)  # a verdict depends on the commit and these only
+    except TrustError as e:
+        raise TrustError(str(e), commit=tip, rule="trust-files") from None
     cache = state.load_verdicts() if state is not None else {}
     if cache.get("key") != cache_key:
-        cache = {"key": cache_key, "verdicts": {}}
+        cache = {"key": cache_key, "verdicts": {}, "warnings": []}
+    verifier: Verifier | None = None  # parsed (and cryptography imported) only on a miss
     commits = [tip]
     if tcfg.require == "all" and last_good and tip != last_good:
         import pygit2
@@ -328,6 +338,9 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
             v = Verdict(commit, cached["good"], cached.get("signer"), cached.get("key"),
                         cached.get("reason", ""), cached.get("rule", ""))
         else:
+            if verifier is None:
+                verifier = Verifier(*paths)
+                cache["warnings"] = verifier.warnings
             v = verifier.verify(mirror.raw_commit(commit), commit)
             cache["verdicts"][commit] = {"good": v.good, "signer": v.signer, "key": v.key,
                                          "reason": v.reason, "rule": v.rule}
@@ -342,7 +355,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
     if dirty and state is not None:
         _save_cache(state, cache)
     assert tip_verdict is not None
-    tip_verdict.warnings = warnings + verifier.warnings
+    tip_verdict.warnings = warnings + list(cache.get("warnings") or [])
     log.info("verify: %s @%s", tip_verdict.reason, tip[:7],
              extra={"COMMIT": tip, "STAGE": "verify"})
     return tip_verdict

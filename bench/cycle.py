@@ -64,6 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--unsigned", action="store_true",
+                    help="trust.unsigned: allow instead of signed commits")
     args = ap.parse_args()
     n = args.n
     tmp = Path(tempfile.mkdtemp(prefix="gitops-bench-"))
@@ -84,6 +86,17 @@ def main() -> None:
         (work / "roles/bench.yaml").write_text("".join(lines))
         git(tmp, "init", "-q", "-b", "main", str(work))
         git(work, "add", "-A")
+        trust = "{unsigned: allow}"
+        if not args.unsigned:  # the default deployment: ssh-signed commits, verified
+            key = tmp / "signing_key"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                           check=True)
+            (tmp / "allowed").write_text(
+                "ops " + " ".join(key.with_suffix(".pub").read_text().split()[:2]) + "\n")
+            git(work, "config", "gpg.format", "ssh")
+            git(work, "config", "user.signingkey", str(key))
+            git(work, "config", "commit.gpgsign", "true")
+            trust = f"{{allowed_signers: {tmp / 'allowed'}, unsigned: refuse}}"
         git(work, "commit", "-qm", "bench")
         bare = tmp / "fleet.git"
         git(tmp, "clone", "-q", "--bare", str(work), str(bare))
@@ -92,7 +105,7 @@ def main() -> None:
         root.mkdir()
         cfg = tmp / "agent.yaml"
         cfg.write_text(f"source: {{url: {bare}, branch: main}}\nhost: {{name: bench-01}}\n"
-                       f"trust: {{unsigned: allow}}\nroot: {root}\nstate_dir: {tmp / 'state'}\n")
+                       f"trust: {trust}\nroot: {root}\nstate_dir: {tmp / 'state'}\n")
         # byte-compile the agent as an installed package is (the .deb's postinst does);
         # with PYTHONDONTWRITEBYTECODE set, every run would compile it again
         import agent as agent_pkg
@@ -110,7 +123,8 @@ def main() -> None:
             print(f"{name:34} median {statistics.median(walls):6.3f}s  "
                   f"min {min(walls):6.3f}s  peak RSS {rss:6.1f} MB  ({len(samples)} runs)")
 
-        print(f"N={n} static files + {n // 10} templates, {os.cpu_count()} CPUs")
+        print(f"N={n} static files + {n // 10} templates, {os.cpu_count()} CPUs, "
+              f"{'unsigned' if args.unsigned else 'ssh-signed'} commits")
         report("first apply", [run(agent)])
         report("no-op apply (stat fast path)", [run(agent) for _ in range(args.runs)])
         cfg_full = tmp / "full.yaml"
