@@ -43,7 +43,8 @@ jitter: 0s
 
 def test_agent_under_systemd(tmp_path, deb, bed):
     key = ssh_key(tmp_path / "signing")
-    fleet = Fleet(tmp_path / "git", key=key) if (tmp_path / "git").mkdir() is None else None
+    (tmp_path / "git").mkdir()
+    fleet = Fleet(tmp_path / "git", key=key)
     daemon = GitDaemon(tmp_path / "git")
     daemon.start()
     try:
