@@ -342,7 +342,11 @@ class Daemon:
             sd.ensure()
             sd.load_state()
             self.control = ControlServer(self.cfg.socket, self.handle)
-            await self.control.start()
+            try:
+                await self.control.start()
+            except OSError as e:
+                raise AgentError(f"daemon: cannot listen on {self.cfg.socket}: "
+                                 f"{e.strerror or e}") from None
             if self.cfg.drift != "off":
                 from .drift import DriftWatcher
 

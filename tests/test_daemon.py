@@ -249,3 +249,12 @@ def test_fetch_failures_back_off_and_converge_last_good(denv):
             assert d.backoff == 0 and d.offline_since is None
 
     asyncio.run(main())
+
+
+def test_run_with_an_unusable_socket_path_fails_clearly(tmp_path):
+    from conftest import agent
+
+    cfg = write_config(tmp_path / "a.yaml", url=tmp_path / "none.git", root=tmp_path,
+                       state_dir=tmp_path / "state", socket="/proc/nonexistent/agent.sock")
+    p = agent("run", "--config", str(cfg), check=1)
+    assert "cannot listen on /proc/nonexistent/agent.sock" in p.stderr
