@@ -209,3 +209,27 @@ def test_atomic_write_leaves_no_temp_files(env):
     apply(env)
     leftovers = [p for p in Path(env["root"]).rglob("*") if ".gitops-agent." in p.name]
     assert leftovers == []
+
+
+def test_units_and_drop_ins_under_a_sandbox_root(env):
+    """Unit files are files under /etc/systemd/system; with a sandbox root there is no
+    running systemd, so daemon-reload is skipped and runtime operations are refused."""
+    fleet: Fleet = env["fleet"]
+    role = ("units:\n"
+            "  app.service: {content: \"[Service]\\nExecStart=/bin/true\\n\"}\n"
+            "  nginx.service.d/override.conf: {content: \"[Service]\\nLimitNOFILE=65536\\n\"}\n"
+            "services:\n  app.service: {active: true}\n")
+    fleet.commit(files={"roles/web.yaml": role}, push=True)
+    out = json.loads(apply(env, "--json", check=1).stdout)
+    unit_dir = env["root"] / "etc/systemd/system"
+    assert (unit_dir / "app.service").read_text().startswith("[Service]")
+    assert "LimitNOFILE" in (unit_dir / "nginx.service.d/override.conf").read_text()
+    failed = {c["id"]: c["msg"] for c in out["changes"] if c["failed"]}
+    assert list(failed) == ["service[app.service]"]
+    assert "need a running systemd" in failed["service[app.service]"]
+    # removed from Git: the drop-in is deleted (there is nothing to stop in a sandbox)
+    fleet.commit(files={"roles/web.yaml": role.replace(
+        "  nginx.service.d/override.conf: {content: \"[Service]\\nLimitNOFILE=65536\\n\"}\n",
+        "")}, push=True)
+    apply(env, "--json", check=1)
+    assert not (unit_dir / "nginx.service.d/override.conf").exists()

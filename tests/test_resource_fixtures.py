@@ -215,3 +215,11 @@ def test_systemctl_failure_message_is_kept():
     res = svc("x.service", active=True)
     done = s.apply_service(res, s.check_service(res, state("enabled", "inactive")))
     assert done.failed and "Unit x.service not found." in done.msg
+
+
+@pytest.mark.parametrize("reload,verb", [(False, "restart"), (True, "reload")])
+def test_notify_restarts_or_reloads(reload, verb):
+    host = RecordingHost()
+    change = sd.Systemd(host).notify("nginx.service", reload)  # type: ignore[arg-type]
+    assert host.calls == [["systemctl", verb, "nginx.service"]]
+    assert change.changed and change.action == verb
