@@ -141,6 +141,29 @@ def main() -> None:
         report("bare pygit2 hash-compare script",
                [run([sys.executable, "-c", BARE, str(bare), str(root)])
                 for _ in range(args.runs)])
+
+        # the same cycles inside one long-lived process, as the daemon runs them
+        from agent.config import load_file
+        from agent.cycle import run_cycle
+
+        conf = load_file(str(cfg))
+
+        def in_process() -> float:
+            t0 = time.perf_counter()
+            result, _ = run_cycle(conf)
+            assert result.ok, result.errors
+            return time.perf_counter() - t0
+
+        in_process()
+        noop = [in_process() for _ in range(args.runs)]
+        change = []
+        for i in range(args.runs):
+            (work / "files/static/f1.conf").write_text(f"changed in process {i}\n")
+            git(work, "commit", "-qam", f"in-process change {i}")
+            git(work, "push", "-q", "origin", "main")
+            change.append(in_process())
+        print(f"{'daemon-style no-op cycle':34} median {statistics.median(noop):6.3f}s")
+        print(f"{'daemon-style one-file change':34} median {statistics.median(change):6.3f}s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
