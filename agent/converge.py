@@ -149,10 +149,9 @@ class Converger:
         packages = [r for r in ordered if r.kind == "package"]
         services = [r for r in ordered if r.kind == "service"]
         installed: dict = {}
-        if packages:
-            refused = self.pkgs.refuse()
-            if refused is None:
-                installed = _try(lambda: self.pkgs.query([r.name for r in packages]), {})
+        refused = self.pkgs.refuse() if packages else None
+        if packages and refused is None:
+            installed = _try(lambda: self.pkgs.query([r.name for r in packages]), {})
         svc_state = _try(lambda: self.systemd.show([r.name for r in services]), {}) \
             if services else {}
         for res in ordered:
@@ -160,7 +159,6 @@ class Converger:
             if res.kind == "package":
                 from .resources import packages as pk
 
-                refused = self.pkgs.refuse()
                 change = (Change(res.identity, failed=True, msg=refused) if refused
                           else pk.check(res, installed))
             elif res.kind == "service":
