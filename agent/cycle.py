@@ -141,7 +141,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
                                  f"offline with no last good revision to converge: "
                                  f"{result.offline_reason}")
             result.state = "rejected" if result.rejected else "failed"
-            return _finish(cfg, state, result, st, None, dry_run), None
+            return _finish(cfg, state, result, st, dry_run), None
     result.commit = target
     result.commit_time = mirror.repo[target].commit_time
 
@@ -160,28 +160,31 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             and manifest.get("render_key") == key and clean(manifest, host)):
         result.fast_path = True
         result.state = _final_state(result)
-        return _finish(cfg, state, result, st, None, dry_run), None
+        return _finish(cfg, state, result, st, dry_run), None
 
     from .render import render
 
-    jcache = state.p("jinja-cache")
+    def render_commit(commit: str) -> Any:
+        return render(mirror.tree(commit, cfg.limits), name, labels, facts,
+                      state.p("jinja-cache"))
+
     try:
-        desired = render(mirror.tree(target, cfg.limits), name, labels, facts, jcache)
+        desired = render_commit(target)
     except (RenderError, SourceError) as e:
         result.errors.append(str(e))
         log.error("%s", e, extra={"COMMIT": target, "STAGE": "render"})
         if not last_good or target == last_good or not mirror.has_commit(last_good):
-            return _finish(cfg, state, result, st, None, dry_run), None
+            return _finish(cfg, state, result, st, dry_run), None
         # the host keeps enforcing last good while the tip cannot be rendered
         target = result.commit = last_good
         result.signer = st.get("last_good_signer")
         result.commit_time = mirror.repo[target].commit_time
         key = render_key(target, name, labels, facts.digest())
         try:
-            desired = render(mirror.tree(target, cfg.limits), name, labels, facts, jcache)
+            desired = render_commit(target)
         except (RenderError, SourceError) as e2:
             result.errors.append(f"last good {target[:12]}: {e2}")
-            return _finish(cfg, state, result, st, None, dry_run), None
+            return _finish(cfg, state, result, st, dry_run), None
 
     conv = Converger(host, state, manifest, full_check=full_check or dry_run,
                      package_backend=None if cfg.package_backend == "auto"
@@ -192,12 +195,12 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
         # a target that leads out of root is an attack or a broken host: change nothing
         result.changes = plan.changes
         result.errors.extend(f"{c.id}: {c.msg}" for c in escapes)
-        return _finish(cfg, state, result, st, None, dry_run), plan
+        return _finish(cfg, state, result, st, dry_run), plan
     if dry_run:
         result.changes = plan.changes
         result.processes = host.spawned
         result.state = "planned"
-        return _finish(cfg, state, result, st, None, dry_run), plan
+        return _finish(cfg, state, result, st, dry_run), plan
 
     changes, new_resources = conv.converge(plan, should_stop)
     result.changes = changes
@@ -214,7 +217,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             mirror.set_ref(LAST_GOOD_REF, target)
         result.last_good = target
     result.state = _final_state(result)
-    return _finish(cfg, state, result, st, target, dry_run), plan
+    return _finish(cfg, state, result, st, dry_run), plan
 
 
 def _final_state(result: CycleResult) -> str:
@@ -227,7 +230,7 @@ def _final_state(result: CycleResult) -> str:
     return "converged"
 
 
-def _finish(cfg: Config, state: Any, result: CycleResult, st: dict, applied: str | None,
+def _finish(cfg: Config, state: Any, result: CycleResult, st: dict,
             dry_run: bool) -> CycleResult:
     result.finished = time.time()
     if dry_run:
