@@ -137,20 +137,19 @@ class Verifier:
         self.revoked: set[str] = set()
         self.gpg_keyring = gpg_keyring
         self.error: TrustError | None = None  # an invalid trust file: every verdict is bad
-        try:
-            self.digest = trust_digest(allowed_signers, gpg_keyring, revoked_keys)
+        try:  # read each file once; a missing one (keyring included) fails every verdict
+            text = {p: _read_trust_file(p).decode(errors="replace")
+                    for p in (allowed_signers, gpg_keyring, revoked_keys) if p}
         except TrustError as e:
             self.error = e
-            self.digest = ""
             return
         try:
             if allowed_signers:
-                self.signers = sshsig.parse_allowed_signers(
-                    _read_trust_file(allowed_signers).decode(errors="replace"), allowed_signers)
+                self.signers = sshsig.parse_allowed_signers(text[allowed_signers],
+                                                            allowed_signers)
                 self.warnings.extend(self.signers.warnings)
             if revoked_keys:
-                self.revoked = sshsig.parse_revoked(
-                    _read_trust_file(revoked_keys).decode(errors="replace"), revoked_keys)
+                self.revoked = sshsig.parse_revoked(text[revoked_keys], revoked_keys)
         except TrustError as e:
             self.error = TrustError(f"trust: {e}", rule="trust-files")
         for w in self.warnings:
