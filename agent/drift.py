@@ -24,7 +24,7 @@ class DriftWatcher:
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
         self.mode = "correct"
-        self.root = "/"
+        self.host: Any = None
         self.state_dir = ""
         self.managed: dict[str, tuple[str, list | None]] = {}  # full path -> (id, sig)
         self.dirs: set[str] = set()
@@ -33,8 +33,10 @@ class DriftWatcher:
         self.reported = 0
 
     def configure(self, cfg: Any) -> None:
+        from .host import Host
+
         self.mode = cfg.drift
-        self.root = os.path.realpath(cfg.root)
+        self.host = Host(cfg.root)
         self.state_dir = cfg.state_dir
         self.refresh()
 
@@ -52,7 +54,7 @@ class DriftWatcher:
             name = entry.get("path", entry.get("name"))
             if not name or entry.get("kind") not in ("file", "directory", "symlink", "unit"):
                 continue
-            full = self.root.rstrip("/") + name if self.root != "/" else name
+            full = self.host.join(name)
             managed[full] = (ident, entry.get("sig"))
         self.managed = managed
         dirs = {os.path.dirname(p) for p in managed} | {
