@@ -132,7 +132,7 @@ class Converger:
         kind = entry.get("kind", "")
         path = entry.get("path", entry["name"])
         done = ""
-        if kind == "unit" and not dry and os.path.lexists(self.host.join(path)):
+        if kind == "unit" and not dry and self.host.lstat(path) is not None:
             done = self.systemd.stop_and_disable(entry["name"]) + ", "
         change = file_res.prune(ident, path, entry, self._ctx(ident), dry=dry)
         if done and change.changed:
@@ -167,11 +167,16 @@ class Converger:
             else:
                 change = _guard(res.identity, lambda r=res: self._check_path(r))
             plan.steps.append(Step(change, res, stage=stage))
-        for ident, entry in sorted(self.old.items(), reverse=True):  # children first
-            if ident not in declared and entry.get("kind") in PATH_KINDS:
-                plan.steps.append(Step(
-                    _guard(ident, lambda i=ident, e=entry: self._prune(i, e, dry=True)),
-                    prune_entry=entry, stage=_STAGE[entry["kind"]]))
+        gone = [(i, e) for i, e in self.old.items()
+                if i not in declared and e.get("kind") in PATH_KINDS]
+        # children before parents, so a directory dropped with its children is empty by
+        # the time its own prune comes (sorting identities would put `dir[/a]` first)
+        gone.sort(key=lambda ie: tuple(str(ie[1].get("path", ie[1].get("name", "")))
+                                       .split("/")), reverse=True)
+        for ident, entry in gone:
+            plan.steps.append(Step(
+                _guard(ident, lambda i=ident, e=entry: self._prune(i, e, dry=True)),
+                prune_entry=entry, stage=_STAGE[entry["kind"]]))
         plan.steps.sort(key=lambda s: s.stage)  # stable: declared before prunes in a stage
         return plan
 
@@ -183,6 +188,7 @@ class Converger:
         results: list[Change] = []
         manifest: dict[str, Any] = {}
         by_id: dict[str, Change] = {}
+        self._clean_tmp(plan)
         pkg_steps = [s for s in plan.steps if s.resource is not None
                      and s.resource.kind == "package"]
         if pkg_steps and not should_stop():
@@ -193,6 +199,8 @@ class Converger:
                         Change(r.identity, failed=True, msg="package operation crashed")
                         for r, _ in todo]):
                     by_id[ch.id] = ch
+        # a package may have created a user or group that a file names as its owner
+        self.host.forget_ids()
         # a package may have shipped or removed unit files: systemd must re-read them
         # before the service stage, as a Debian postinst would make it do
         units_changed = any(c.changed and not c.failed for c in by_id.values())
@@ -237,6 +245,19 @@ class Converger:
                 entry["sig"] = file_res.signature(
                     self.host.join(entry.get("path", entry["name"])))
         return results, manifest
+
+    def _clean_tmp(self, plan: Plan) -> None:
+        """Temp files of a killed agent (kill -9 between write and rename) in managed
+        directories are removed before anything else is written there."""
+        dirs = set()
+        for step in plan.steps:
+            res = step.resource
+            if res is not None and res.kind in PATH_KINDS:
+                dirs.add(os.path.dirname(target_path(res.kind, res.name)))
+        for d in sorted(dirs):
+            for name in self.host.clean_stale_tmp(d):
+                log.info("converge: removed %s, left by an interrupted agent", name,
+                         extra={"STAGE": "converge"})
 
     def _apply_step(self, step: Step, by_id: dict[str, Change]) -> Change:
         res = step.resource

@@ -151,6 +151,11 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
     from .host import Host
 
     host = Host(cfg.root)
+    try:
+        host.check_root()
+    except AgentError as e:
+        result.errors.append(str(e))
+        return _finish(cfg, state, result, st, dry_run), None
     name, labels = host_identity(cfg)
     facts = facts_mod.gather()
     key = render_key(target, name, labels, facts.digest())
@@ -193,6 +198,9 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
     escapes = [c for c in plan.changes if c.data.get("refused")]
     if escapes:
         # a target that leads out of root is an attack or a broken host: change nothing
+        for c in plan.changes:
+            if c.changed and not c.failed:  # planned, never applied: not "changed"
+                c.changed, c.msg = False, f"not applied (cycle refused): {c.msg}"
         result.changes = plan.changes
         result.errors.extend(f"{c.id}: {c.msg}" for c in escapes)
         return _finish(cfg, state, result, st, dry_run), plan

@@ -1,20 +1,46 @@
 """The only gate to the OS: paths under the root prefix, atomic writes, subprocesses.
 
-Owns: confining every target to `root` (refusing `..` and host symlinks that lead
-out of it), atomic file writes (temp file in the same directory, final mode and
-owner set before the rename, fsync, rename, fsync of the directory), user/group
-lookup in the root's own /etc/passwd and /etc/group, and run(argv).
+Owns: confining every target to `root`, atomic file writes, user/group lookup in the
+root's own /etc/passwd and /etc/group, and run(argv).
 Must not: decide what should change; resources/ decide, this module does.
+
+Every managed path is reached by walking its components from an fd of `root` with
+`openat(..., O_NOFOLLOW|O_DIRECTORY)`: a symlink (or anything but a directory) in a
+parent position is refused, never followed, also with `root: /` and also when a
+local user swaps a parent for a symlink in the middle of a cycle. Parents are made
+with mkdirat, files written with openat on the parent's fd and renamed with renameat
+inside it, and metadata changed with fchmod/fchown on an fd opened with O_NOFOLLOW,
+so no path is ever re-resolved between the check and the write.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import ApplyError, EscapeError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+MAX_ID = 0xFFFFFFFE  # 4294967295 is (uid_t)-1: "leave unchanged" to chown, never an owner
+TMP_RE = re.compile(r"^\..+\.gitops-agent\.(\d+)\.tmp$")
+
+
+def parse_id(value: str) -> int | None:
+    """`"1000"` → 1000; None when `value` is a name (`"²"` is a name, not a number).
+    Raises ValueError for a number no uid/gid can be (`"4294967295"`, `"99999999999"`)."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    n = int(value)
+    if n > MAX_ID:
+        raise ValueError(f"{value} is out of range 0..{MAX_ID} (4294967295 means "
+                         f"'unchanged' to chown)")
+    return n
 
 
 class Host:
@@ -25,33 +51,114 @@ class Host:
 
     # --- paths -----------------------------------------------------------------------
 
-    def path(self, target: str) -> str:
-        """Map an absolute target (`/etc/motd`) to where it lives under root.
-
-        Refuses `..` components and any path whose parent directory resolves, through a
-        symlink on the host, outside root. The last component is never followed: a
-        symlink there is replaced, not written through.
-        """
+    @staticmethod
+    def parts(target: str) -> list[str]:
+        """`/etc/motd` → ["etc", "motd"]; refuses relative paths and `..`."""
         if not target.startswith("/"):
             raise ApplyError(f"{target!r} is not an absolute path")
         parts = [p for p in target.split("/") if p not in ("", ".")]
-        if ".." in parts:
+        if ".." in parts or any("\0" in p for p in parts):
             raise EscapeError(f"{target} contains '..': targets must stay under root")
-        full = os.path.join(self.root, *parts) if parts else self.root
-        parent = os.path.realpath(os.path.dirname(full)) if parts else self.root
-        if not _within(parent, self.root):
-            raise EscapeError(
-                f"{target} resolves outside root {self.root} through a symlink on the host "
-                f"({os.path.dirname(full)} -> {parent}); refusing to write there")
-        return full
+        if not parts:
+            raise ApplyError("the root directory itself cannot be managed")
+        return parts
 
     def join(self, target: str) -> str:
-        """Where `target` would be, without the containment checks of path(): only for
-        lstat() comparisons, where any redirect shows up as a changed signature."""
+        """Where `target` would be, by path: only for lstat() comparisons (drift, the stat
+        fast path), where any redirect shows up as a changed signature, and messages."""
         return self.root.rstrip("/") + target if self.root != "/" else target
 
-    def contained(self, full: str) -> bool:
-        return _within(os.path.realpath(os.path.dirname(full)), self.root)
+    def check_root(self) -> None:
+        if not os.path.isdir(self.root):
+            raise ApplyError(f"root {self.root} does not exist or is not a directory")
+
+    @contextmanager
+    def parent(self, target: str, create: bool = False) -> Iterator[tuple[int, str] | None]:
+        """An fd of target's parent directory, reached without following any symlink,
+        and the last component. Yields None when a parent is missing (and not `create`).
+        Missing parents are made 0755 root:root with mkdirat when `create`."""
+        parts = self.parts(target)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ApplyError(f"root {self.root} is not usable: {e.strerror}") from None
+        try:
+            walked = ""
+            for name in parts[:-1]:
+                walked += "/" + name
+                try:
+                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        yield None
+                        return
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    os.fsync(fd)
+                    nfd = self._open_dir(name, fd, walked)
+                except OSError as e:
+                    nfd = self._refuse(name, fd, walked, e)
+                os.close(fd)
+                fd = nfd
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, name: str, dirfd: int, walked: str) -> int:
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+        except OSError as e:
+            return self._refuse(name, dirfd, walked, e)
+
+    def _refuse(self, name: str, dirfd: int, walked: str, e: OSError) -> int:
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except OSError:
+            raise ApplyError(f"cannot open {self.join(walked)}: {e.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise EscapeError(
+                f"{walked} is a symlink on the host ({self.join(walked)} -> "
+                f"{os.readlink(name, dir_fd=dirfd)}); managed paths never resolve through a "
+                f"symlink: refusing to write there")
+        raise EscapeError(f"{walked} is a {kind_name(st.st_mode)} on the host, not a "
+                          f"directory; refusing to write below it")
+
+    def lstat(self, target: str) -> os.stat_result | None:
+        """lstat without following any symlink on the way (EscapeError if one is there)."""
+        with self.parent(target) as p:
+            if p is None:
+                return None
+            try:
+                return os.stat(p[1], dir_fd=p[0], follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+
+    def read(self, target: str) -> bytes:
+        with self.parent(target) as p:
+            if p is None:
+                raise FileNotFoundError(self.join(target))
+            fd = os.open(p[1], _READ_FLAGS, dir_fd=p[0])
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ApplyError(f"{target} is not a regular file on the host")
+                chunks = []
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
+
+    def listdir(self, target: str) -> list[str]:
+        with self.parent(target) as p:
+            if p is None:
+                return []
+            fd = os.open(p[1], _DIR_FLAGS, dir_fd=p[0])
+            try:
+                return os.listdir(fd)
+            finally:
+                os.close(fd)
 
     # --- ownership ---------------------------------------------------------------------
 
@@ -59,16 +166,21 @@ class Host:
         if name not in self._ids:
             table: dict[str, int] = {}
             try:
-                with open(os.path.join(self.root, "etc", name)) as f:
-                    for line in f:
-                        cols = line.rstrip("\n").split(":")
-                        if len(cols) >= 3 and cols[2].isdigit():
-                            table.setdefault(cols[0], int(cols[2]))
-            except OSError:
-                pass
+                data = self.read(f"/etc/{name}").decode(errors="replace")
+            except (OSError, ApplyError):
+                data = ""
+            for line in data.splitlines():
+                cols = line.split(":")
+                if len(cols) >= 3 and cols[2].isascii() and cols[2].isdigit():
+                    table.setdefault(cols[0], int(cols[2]))
             table.setdefault("root", 0)
             self._ids[name] = table
         return self._ids[name]
+
+    def forget_ids(self) -> None:
+        """Re-read passwd/group on the next lookup: a package or user resource may just
+        have created the owner a file names."""
+        self._ids.clear()
 
     def uid(self, user: str | None) -> int:
         return self._lookup("passwd", "user", user)
@@ -76,17 +188,26 @@ class Host:
     def gid(self, group: str | None) -> int:
         return self._lookup("group", "group", group)
 
+    def has_id(self, table: str, name: str) -> bool:
+        try:
+            return parse_id(name) is not None or name in self._table(table)
+        except ValueError:
+            return False
+
     def _lookup(self, table: str, what: str, name: str | None) -> int:
         if name is None:
             return 0
-        if name.isdigit():
-            return int(name)
+        try:
+            n = parse_id(name)
+        except ValueError as e:
+            raise ApplyError(f"{what} {e}") from None
+        if n is not None:
+            return n
         try:
             return self._table(table)[name]
         except KeyError:
             raise ApplyError(
-                f"{what} {name!r} does not exist in {os.path.join(self.root, 'etc', table)}"
-            ) from None
+                f"{what} {name!r} does not exist in {self.join('/etc/' + table)}") from None
 
     def user_name(self, uid: int) -> str:
         return _reverse(self._table("passwd"), uid)
@@ -96,41 +217,92 @@ class Host:
 
     # --- mutations ---------------------------------------------------------------------
 
-    def ensure_parents(self, full: str) -> list[str]:
-        """Create missing parent directories (0755, root) of `full`; return those made."""
-        made = []
-        parent = os.path.dirname(full)
-        missing = []
-        while not os.path.lexists(parent) and parent != self.root:
-            missing.append(parent)
-            parent = os.path.dirname(parent)
-        for d in reversed(missing):
-            os.mkdir(d, 0o755)
-            made.append(d)
-        if made:
-            fsync_dir(os.path.dirname(made[0]))
-        return made
+    def write_file(self, target: str, data: bytes, mode: int, uid: int, gid: int) -> None:
+        """Atomic: temp file in the same directory with final mode and owner, fsync,
+        renameat, fsync of the directory. Missing parents are made first."""
+        with self.parent(target, create=True) as p:
+            assert p is not None
+            write_at(p[0], p[1], data, mode, uid, gid)
 
-    def write_file(self, full: str, data: bytes, mode: int, uid: int, gid: int) -> None:
-        write_atomic(full, data, mode=mode, uid=uid, gid=gid)
+    def set_meta(self, target: str, mode: int, uid: int, gid: int, want_dir: bool) -> None:
+        """fchown+fchmod on an fd opened with O_NOFOLLOW: a symlink swapped in is refused."""
+        with self.parent(target) as p:
+            if p is None:
+                raise ApplyError(f"{target} disappeared while being converged")
+            try:
+                fd = os.open(p[1], _READ_FLAGS | (os.O_DIRECTORY if want_dir else 0),
+                             dir_fd=p[0])
+            except OSError as e:
+                raise ApplyError(f"{target} changed on the host while being converged "
+                                 f"({e.strerror}); refusing to follow it") from None
+            try:
+                st = os.fstat(fd)
+                if (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)) is False:
+                    raise ApplyError(f"{target} is now a {kind_name(st.st_mode)} on the host; "
+                                     f"refusing to change it")
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
 
-    def symlink(self, full: str, target: str) -> None:
-        tmp = _tmpname(full)
-        os.symlink(target, tmp)
+    def mkdir(self, target: str, mode: int, uid: int, gid: int) -> None:
+        with self.parent(target, create=True) as p:
+            assert p is not None
+            os.mkdir(p[1], 0o700, dir_fd=p[0])
+            fd = os.open(p[1], _DIR_FLAGS, dir_fd=p[0])
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            os.fsync(p[0])
+
+    def symlink(self, target: str, points_to: str) -> None:
+        with self.parent(target, create=True) as p:
+            assert p is not None
+            tmp = tmp_name(p[1])
+            os.symlink(points_to, tmp, dir_fd=p[0])
+            try:
+                os.rename(tmp, p[1], src_dir_fd=p[0], dst_dir_fd=p[0])
+            except BaseException:
+                _unlink_quiet(tmp, p[0])
+                raise
+            os.fsync(p[0])
+
+    def remove(self, target: str) -> None:
+        with self.parent(target) as p:
+            if p is None:
+                return
+            st = os.stat(p[1], dir_fd=p[0], follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(p[1], dir_fd=p[0])
+            else:
+                os.unlink(p[1], dir_fd=p[0])
+            os.fsync(p[0])
+
+    def clean_stale_tmp(self, directory: str) -> list[str]:
+        """Remove temp files a killed agent left in a managed directory (not ours, and
+        their pid no longer an agent). Returns the names removed."""
+        removed = []
+        probe = directory.rstrip("/") + "/x"
         try:
-            os.rename(tmp, full)
-        except BaseException:
-            _unlink_quiet(tmp)
-            raise
-        fsync_dir(os.path.dirname(full))
-
-    def remove(self, full: str) -> None:
-        st = os.lstat(full)
-        if stat.S_ISDIR(st.st_mode):
-            os.rmdir(full)
-        else:
-            os.unlink(full)
-        fsync_dir(os.path.dirname(full))
+            with self.parent(probe) as p:
+                if p is None:
+                    return []
+                for name in os.listdir(p[0]):
+                    m = TMP_RE.match(name)
+                    if m is None or _alive(int(m.group(1))):
+                        continue
+                    try:
+                        st = os.stat(name, dir_fd=p[0], follow_symlinks=False)
+                        if not stat.S_ISDIR(st.st_mode):
+                            os.unlink(name, dir_fd=p[0])
+                            removed.append(directory.rstrip("/") + "/" + name)
+                    except OSError:
+                        pass
+        except (ApplyError, OSError):
+            return removed
+        return removed
 
     def run(self, argv: list[str], *, timeout: float = 600, env: dict | None = None,
             input: bytes | None = None) -> Result:
@@ -162,8 +334,27 @@ class Result:
         return text or f"{self.argv[0]} exited {self.returncode}"
 
 
-def _within(path: str, root: str) -> bool:
-    return root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
+def kind_name(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "special file"
+
+
+def _alive(pid: int) -> bool:
+    """A temp file of a live process (this one included) is never touched."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _reverse(table: dict[str, int], wanted: int) -> str:
@@ -173,14 +364,13 @@ def _reverse(table: dict[str, int], wanted: int) -> str:
     return str(wanted)
 
 
-def _tmpname(full: str) -> str:
-    d, base = os.path.split(full)
-    return os.path.join(d, f".{base}.gitops-agent.{os.getpid()}.tmp")
+def tmp_name(base: str) -> str:
+    return f".{base}.gitops-agent.{os.getpid()}.tmp"
 
 
-def _unlink_quiet(path: str) -> None:
+def _unlink_quiet(name: str, dir_fd: int | None = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -193,16 +383,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(full: str, data: bytes, *, mode: int = 0o644, uid: int | None = None,
-                 gid: int | None = None) -> None:
-    """Write `data` to `full` so that a reader sees the old file or the new, never half.
+def write_at(dirfd: int, name: str, data: bytes, mode: int, uid: int | None = None,
+             gid: int | None = None) -> None:
+    """Write `data` to `name` in `dirfd` so that a reader sees the old file or the new.
 
     The temp file is in the same directory (rename is atomic only within a
     filesystem) and carries the final mode and owner before the rename, so there is
     no window in which the new content is readable with looser permissions.
     """
-    tmp = _tmpname(full)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tmp = tmp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dirfd)
     try:
         try:
             view = memoryview(data)
@@ -214,8 +405,19 @@ def write_atomic(full: str, data: bytes, *, mode: int = 0o644, uid: int | None =
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, full)
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except BaseException:
-        _unlink_quiet(tmp)
+        _unlink_quiet(tmp, dirfd)
         raise
-    fsync_dir(os.path.dirname(full) or ".")
+    os.fsync(dirfd)
+
+
+def write_atomic(full: str, data: bytes, *, mode: int = 0o644, uid: int | None = None,
+                 gid: int | None = None) -> None:
+    """write_at for the agent's own files (state_dir, reports), by plain path."""
+    d, name = os.path.split(full)
+    dirfd = os.open(d or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_at(dirfd, name, data, mode, uid, gid)
+    finally:
+        os.close(dirfd)

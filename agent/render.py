@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import RenderError, TreeError
 from .facts import Facts
+from .host import parse_id
 from .resources import FILE_KINDS
 from .source import TreeReader
 from .yamlsrc import LineDict, YamlError, load
@@ -301,6 +302,14 @@ class Renderer:
                     raise RenderError(f"render: file[{target}].{key} must be a name or id "
                                       f"({spec.where(key)})")
                 norm[key] = str(v)
+                try:
+                    parse_id(norm[key])
+                except ValueError as e:
+                    raise RenderError(f"render: file[{target}].{key}: {e} "
+                                      f"({spec.where(key)})") from None
+                if not norm[key] or any(c in norm[key] for c in ":\n/"):
+                    raise RenderError(f"render: file[{target}].{key} {norm[key]!r} is not a "
+                                      f"user or group name ({spec.where(key)})")
         if "mode" in spec:
             norm["mode"] = _mode(spec["mode"], f"file[{target}].mode", spec.where("mode"))
         if "notify" in spec:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ApplyError
+from ..host import kind_name
 from . import Change
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def signature(full: str) -> list[int] | None:
     """
     try:
         st = os.lstat(full)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
             st.st_ino]
@@ -53,20 +54,21 @@ def _mode_of(res: Resource, default: int) -> int:
     return int(m, 8) if m is not None else default
 
 
-def _ids(res: Resource, host: Host, st: os.stat_result | None) -> tuple[int, int]:
-    uid = host.uid(res.spec["owner"]) if "owner" in res.spec else (st.st_uid if st else 0)
-    gid = host.gid(res.spec["group"]) if "group" in res.spec else (st.st_gid if st else 0)
-    return uid, gid
-
-
-def _kind_name(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "directory"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "special file"
+def _ids(res: Resource, host: Host, st: os.stat_result | None, dry: bool
+         ) -> tuple[int, int, list[str]]:
+    """uid, gid, and the owners that do not exist yet (only when planning)."""
+    pending = []
+    out = []
+    for key, table, lookup, keep in (("owner", "passwd", host.uid, st.st_uid if st else 0),
+                                     ("group", "group", host.gid, st.st_gid if st else 0)):
+        if key not in res.spec:
+            out.append(keep)
+        elif dry and not host.has_id(table, res.spec[key]):
+            pending.append(f"{key} {res.spec[key]}")
+            out.append(-1)
+        else:
+            out.append(lookup(res.spec[key]))
+    return out[0], out[1], pending
 
 
 def text_diff(old: bytes, new: bytes, name: str) -> str:
@@ -90,17 +92,12 @@ def _meta_diff(st: os.stat_result, mode: int, uid: int, gid: int, host: Host) ->
     if stat.S_IMODE(st.st_mode) != mode:
         out.append(f"mode {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}")
     if st.st_uid != uid:
-        out.append(f"owner {host.user_name(st.st_uid)} -> {host.user_name(uid)}")
+        out.append(f"owner {host.user_name(st.st_uid)} -> "
+                   f"{host.user_name(uid) if uid >= 0 else 'a user made this cycle'}")
     if st.st_gid != gid:
-        out.append(f"group {host.group_name(st.st_gid)} -> {host.group_name(gid)}")
+        out.append(f"group {host.group_name(st.st_gid)} -> "
+                   f"{host.group_name(gid) if gid >= 0 else 'a group made this cycle'}")
     return out
-
-
-def _lstat(full: str) -> os.stat_result | None:
-    try:
-        return os.lstat(full)
-    except FileNotFoundError:
-        return None
 
 
 def check(res: Resource, ctx: Ctx) -> Change:
@@ -113,17 +110,16 @@ def apply(res: Resource, ctx: Ctx) -> Change:
 
 
 def _converge(res: Resource, ctx: Ctx, dry: bool) -> Change:
-    full = ctx.host.path(res.name)
     if res.spec.get("state") == "absent":
-        return _absent(res, full, ctx, dry)
+        return _absent(res, ctx, dry)
     if res.kind == "directory":
-        return _directory(res, full, ctx, dry)
+        return _directory(res, ctx, dry)
     if res.kind == "symlink":
-        return _symlink(res, full, ctx, dry)
-    return _file(res, full, ctx, dry)
+        return _symlink(res, ctx, dry)
+    return _file(res, ctx, dry)
 
 
-def _takeover(res: Resource, full: str, st: os.stat_result | None, ctx: Ctx,
+def _takeover(res: Resource, st: os.stat_result | None, ctx: Ctx,
               dry: bool) -> dict[str, Any]:
     """Remember what was there before the agent first managed this path."""
     if ctx.old or dry:
@@ -131,27 +127,24 @@ def _takeover(res: Resource, full: str, st: os.stat_result | None, ctx: Ctx,
     if st is None:
         return {"created": True}
     if stat.S_ISREG(st.st_mode):
-        with open(full, "rb") as f:
-            data = f.read()
+        data = ctx.host.read(res.name)
         name = ctx.state.save_backup(res.name, data, stat.S_IMODE(st.st_mode), st.st_uid,
                                      st.st_gid)
         return {"backup": name, "created": False}
     return {"created": False}
 
 
-def _file(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
+def _file(res: Resource, ctx: Ctx, dry: bool) -> Change:
     assert res.content is not None
-    st = _lstat(full)
+    host = ctx.host
+    st = host.lstat(res.name)
     if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
-        raise ApplyError(f"{res.name} is a {_kind_name(st.st_mode)} on the host, not a file; "
+        raise ApplyError(f"{res.name} is a {kind_name(st.st_mode)} on the host, not a file; "
                          f"refusing to replace it")
     regular = st is not None and stat.S_ISREG(st.st_mode)
     mode = _mode_of(res, stat.S_IMODE(st.st_mode) if regular else 0o644)
-    uid, gid = _ids(res, ctx.host, st if regular else None)
-    old = b""
-    if regular:
-        with open(full, "rb") as f:
-            old = f.read()
+    uid, gid, pending = _ids(res, host, st if regular else None, dry)
+    old = host.read(res.name) if regular else b""
     change = Change(res.identity)
     if not regular:
         what = "replace symlink with file" if st is not None else "create"
@@ -160,64 +153,72 @@ def _file(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
         change.diff = text_diff(b"", res.content, res.name)
     elif old != res.content:
         change.changed, change.action = True, "update"
-        meta = _meta_diff(st, mode, uid, gid, ctx.host)
+        meta = _meta_diff(st, mode, uid, gid, host)
         change.msg = "content differs" + (f"; {', '.join(meta)}" if meta else "")
         change.diff = text_diff(old, res.content, res.name)
     else:
-        meta = _meta_diff(st, mode, uid, gid, ctx.host)
+        meta = _meta_diff(st, mode, uid, gid, host)
         if meta:
             change.changed, change.action = True, "update"
             change.msg = ", ".join(meta)
             change.diff = "".join(f"  {m}\n" for m in meta)
         else:
             change.msg = "content, mode and owner as declared"
-    change.data = _takeover(res, full, st, ctx, dry)
+    if pending:
+        change.msg += f" ({', '.join(pending)} not on the host yet: resolved after packages)"
+    change.data = _takeover(res, st, ctx, dry)
     if dry or not change.changed:
         return change
-    if change.action == "create" or old != res.content:
-        ctx.host.ensure_parents(full)
-        ctx.host.write_file(full, res.content, mode, uid, gid)
+    if change.action == "create" or old != res.content or st.st_nlink > 1:
+        # a second hard link may be somebody else's file: never chmod it, replace ours
+        host.write_file(res.name, res.content, mode, uid, gid)
     else:
-        os.chown(full, uid, gid, follow_symlinks=False)
-        os.chmod(full, mode)
+        host.set_meta(res.name, mode, uid, gid, want_dir=False)
     return change
 
 
-def _directory(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
-    st = _lstat(full)
+def _directory(res: Resource, ctx: Ctx, dry: bool) -> Change:
+    host = ctx.host
+    st = host.lstat(res.name)
     if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise ApplyError(f"{res.name} is a {_kind_name(st.st_mode)} on the host, not a "
+        raise ApplyError(f"{res.name} is a {kind_name(st.st_mode)} on the host, not a "
                          f"directory; refusing to replace it")
     mode = _mode_of(res, stat.S_IMODE(st.st_mode) if st else 0o755)
-    uid, gid = _ids(res, ctx.host, st)
+    uid, gid, pending = _ids(res, host, st, dry)
     change = Change(res.identity)
     if st is None:
         change.changed, change.action, change.msg = True, "create", f"create, mode {mode:04o}"
     else:
-        meta = _meta_diff(st, mode, uid, gid, ctx.host)
+        meta = _meta_diff(st, mode, uid, gid, host)
         if meta:
             change.changed, change.action, change.msg = True, "update", ", ".join(meta)
         else:
             change.msg = "directory exists with mode and owner as declared"
-    change.data = _takeover(res, full, st, ctx, dry)
+    if pending:
+        change.msg += f" ({', '.join(pending)} not on the host yet: resolved after packages)"
+    change.data = _takeover(res, st, ctx, dry)
     if dry or not change.changed:
         return change
     if st is None:
-        ctx.host.ensure_parents(full)
-        os.mkdir(full, 0o700)
-    os.chown(full, uid, gid, follow_symlinks=False)
-    os.chmod(full, mode)
+        host.mkdir(res.name, mode, uid, gid)
+    else:
+        host.set_meta(res.name, mode, uid, gid, want_dir=True)
     return change
 
 
-def _symlink(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
+def _symlink(res: Resource, ctx: Ctx, dry: bool) -> Change:
     target = res.spec["target"]
-    st = _lstat(full)
+    host = ctx.host
+    st = host.lstat(res.name)
     change = Change(res.identity)
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise ApplyError(f"{res.name} is a directory on the host, not a symlink; refusing to "
                          f"replace it")
-    current = os.readlink(full) if st is not None and stat.S_ISLNK(st.st_mode) else None
+    current = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        with host.parent(res.name) as p:
+            assert p is not None
+            current = os.readlink(p[1], dir_fd=p[0])
     if current == target:
         change.msg = f"points to {target}"
     else:
@@ -225,16 +226,16 @@ def _symlink(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
         change.action = "create" if st is None else "update"
         change.msg = f"-> {target}" + (f" (was -> {current})" if current else
                                        " (replaces a file)" if st else "")
-    change.data = _takeover(res, full, st, ctx, dry)
+    change.data = _takeover(res, st, ctx, dry)
     if dry or not change.changed:
         return change
-    ctx.host.ensure_parents(full)
-    ctx.host.symlink(full, target)
+    host.symlink(res.name, target)
     return change
 
 
-def _absent(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
-    st = _lstat(full)
+def _absent(res: Resource, ctx: Ctx, dry: bool) -> Change:
+    host = ctx.host
+    st = host.lstat(res.name)
     change = Change(res.identity)
     if st is None:
         change.msg = "absent as declared"
@@ -243,34 +244,29 @@ def _absent(res: Resource, full: str, ctx: Ctx, dry: bool) -> Change:
         raise ApplyError(f"{res.name} is a directory; state: absent removes files and symlinks "
                          f"only")
     change.changed, change.action = True, "remove"
-    change.msg = f"remove {_kind_name(st.st_mode)}"
+    change.msg = f"remove {kind_name(st.st_mode)}"
     if stat.S_ISREG(st.st_mode):
-        with open(full, "rb") as f:
-            change.diff = text_diff(f.read(), b"", res.name)
+        change.diff = text_diff(host.read(res.name), b"", res.name)
     if not dry:
-        ctx.host.remove(full)
+        host.remove(res.name)
     return change
 
 
 def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> Change:
     """Undo management of a path the new revision no longer declares."""
-    full = ctx.host.path(name)
-    st = _lstat(full)
+    host = ctx.host
+    st = host.lstat(name)
     change = Change(ident, action="prune")
     backup = entry.get("backup")
     if backup:
         original = ctx.state.load_backup(backup)
-        current = b""
-        if st is not None and stat.S_ISREG(st.st_mode):
-            with open(full, "rb") as f:
-                current = f.read()
+        current = host.read(name) if st is not None and stat.S_ISREG(st.st_mode) else b""
         change.changed, change.action = True, "restore"
         change.msg = "no longer declared: restore the original from before the agent managed it"
         change.diff = text_diff(current, original["data"], name)
         if not dry:
-            ctx.host.ensure_parents(full)
-            ctx.host.write_file(full, original["data"], original["mode"], original["uid"],
-                                original["gid"])
+            host.write_file(name, original["data"], original["mode"], original["uid"],
+                            original["gid"])
             ctx.state.drop_backup(backup)
         return change
     if st is None:
@@ -279,13 +275,12 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
     if not entry.get("created"):
         change.msg = "no longer declared; existed before the agent, left in place"
         return change
-    if stat.S_ISDIR(st.st_mode) and os.listdir(full):
+    if stat.S_ISDIR(st.st_mode) and host.listdir(name):
         change.msg = "no longer declared; directory not empty, left in place"
         return change
-    change.changed, change.msg = True, f"no longer declared: remove {_kind_name(st.st_mode)}"
+    change.changed, change.msg = True, f"no longer declared: remove {kind_name(st.st_mode)}"
     if stat.S_ISREG(st.st_mode):
-        with open(full, "rb") as f:
-            change.diff = text_diff(f.read(), b"", name)
+        change.diff = text_diff(host.read(name), b"", name)
     if not dry:
-        ctx.host.remove(full)
+        host.remove(name)
     return change
