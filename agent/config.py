@@ -90,6 +90,8 @@ class LimitsConfig:
     max_blob_size: int = 16 * 1024 * 1024
     max_files: int = 50_000
     max_total_size: int = 512 * 1024 * 1024
+    render_timeout: float = 60.0
+    render_memory: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ _SCHEMA: dict[str, Any] = {
     "package_backend": ("enum", ("auto", "apt", "dnf")),
     "limits": ("section", LimitsConfig, {
         "max_blob_size": (_INT,), "max_files": (_INT,), "max_total_size": (_INT,),
+        "render_timeout": (_DUR,), "render_memory": (_INT,),
     }),
     "report": ("section", ReportConfig, {
         "sftp": ("section", SftpConfig, {

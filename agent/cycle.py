@@ -171,7 +171,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
 
     def render_commit(commit: str) -> Any:
         return render(mirror.tree(commit, cfg.limits), name, labels, facts,
-                      state.p("jinja-cache"))
+                      state.p("jinja-cache"), should_stop)
 
     try:
         desired = render_commit(target)

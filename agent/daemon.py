@@ -29,6 +29,9 @@ from .errors import AgentError, UsageError
 log = logging.getLogger("agent.daemon")
 
 BACKOFF_START = 5.0
+# A cycle that has not asked should_stop() for this long is wedged: the longest single
+# step that cannot ask is one apt-get run (its own timeout is 30 min).
+STALLED_AFTER = 1900.0
 
 
 def notify(message: str) -> None:
@@ -66,6 +69,7 @@ class Daemon:
         self.wake = asyncio.Event()
         self.pending: set[str] = set()
         self.running = False
+        self.progress_at = 0.0
         self.stopping = False
         self.stopped = asyncio.Event()
         self.cycles = 0
@@ -192,9 +196,10 @@ class Daemon:
         self.running = True
         notify("STATUS=applying")
         try:
+            self.progress_at = time.monotonic()
             result, _ = await asyncio.to_thread(
                 run_cycle, self.cfg, fetch=fetch, lock_wait=3600,
-                should_stop=lambda: self.stopping)
+                should_stop=self._should_stop)
         except AgentError as e:
             result = CycleResult(started=time.time(), finished=time.time())
             result.errors.append(str(e))
@@ -290,12 +295,24 @@ class Daemon:
                 continue
             await self._cycle(reasons)
 
+    def _should_stop(self) -> bool:
+        """Asked by the cycle between resources and while it waits for a fetch or a
+        render child: each call is also proof that the cycle makes progress."""
+        self.progress_at = time.monotonic()
+        return self.stopping
+
+    def watchdog_ok(self) -> bool:
+        return not self.running or time.monotonic() - self.progress_at < STALLED_AFTER
+
     async def _watchdog(self) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if not usec:
             return
         while not self.stopping:
-            notify("WATCHDOG=1")  # from the event loop: a blocked loop stops the pings
+            # from the event loop (a blocked loop stops the pings), and only while a
+            # running cycle makes progress: a wedged cycle gets the agent restarted
+            if self.watchdog_ok():
+                notify("WATCHDOG=1")
             await asyncio.sleep(usec / 2e6)
 
     def reload(self) -> None:

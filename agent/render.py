@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,16 @@ _FLEET_KEYS = {"vars", "groups"}
 _UNIT_KEYS = {"content", "template", "source", "notify"}
 _SERVICE_KEYS = {"enabled", "active", "masked", "reload"}
 _PACKAGE_STATES = ("present", "absent", "latest")
+# systemd's unit name rules (unit_name_is_valid): a prefix of [A-Za-z0-9:_.\\-], an
+# optional @instance, a known type suffix, at most 255 characters; drop-ins live in
+# NAME.TYPE.d/ (or TYPE.d/ for every unit of a type) and must end in .conf
+UNIT_TYPES = ("service", "socket", "device", "mount", "automount", "swap", "target", "path",
+              "timer", "slice", "scope")
+_UNIT_CHARS = r"[A-Za-z0-9:_.\\-]"
+_UNIT_RE = (_UNIT_CHARS + r"+(?:@" + _UNIT_CHARS + r"*)?\.(?:" + "|".join(UNIT_TYPES) + ")")
+_UNIT_NAME = re.compile(r"^(?=.{1,255}$)" + _UNIT_RE + "$")
+_DROPIN = re.compile(r"^(?:(?=[^/]{1,255}/)" + _UNIT_RE + "|" + "|".join(UNIT_TYPES)
+                     + r")\.d/[A-Za-z0-9:_.@\\-]{1,250}\.conf$")
 
 
 @dataclass
@@ -125,13 +136,15 @@ class _TreeLoader:
 
 class Renderer:
     def __init__(self, tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, progress: Any = None) -> None:
         self.tree = tree
         self.host = host
         self.labels = labels
         self.facts = facts
         self.cache_dir = cache_dir  # Jinja2 bytecode, keyed by template source checksum
         self._env: Any = None
+        self.progress = progress or (lambda text: None)
+        self._total = 0  # rendered bytes so far (limits.max_total_size)
 
     # --- loading ---------------------------------------------------------------------
 
@@ -246,6 +259,10 @@ class Renderer:
                     continue
                 declared[key] = (res, res.origin)
                 state.resources.append(res)
+                if len(state.resources) > self.tree.limits.max_files:
+                    raise RenderError(f"render: more than {self.tree.limits.max_files} "
+                                      f"resources (limits.max_files) at {res.identity} "
+                                      f"({res.origin})")
         return state
 
     def _matches(self, group: LineDict, i: int) -> bool:
@@ -346,7 +363,7 @@ class Renderer:
         if not isinstance(value, str):
             raise RenderError(f"render: {ident}.{key} must be a string ({where})")
         if key == "content":
-            return value.encode()
+            return self._bounded(value.encode(), ident, where)
         rel = value
         if rel.startswith("/") or ".." in rel.split("/") or "" in rel.split("/"):
             raise RenderError(f"render: {ident}.{key} {value!r} escapes files/: it must be a "
@@ -354,12 +371,25 @@ class Renderer:
         path = f"files/{rel}"
         try:
             if key == "source":
-                return self.tree.read(path)
+                return self._bounded(self.tree.read(path), ident, where)
             if not self.tree.is_file(path):
                 raise RenderError(f"render: {ident}.template {path} does not exist ({where})")
         except TreeError as e:
             raise RenderError(f"render: {ident}.{key}: {e} ({where})") from None
-        return self._template(rel, ident, where, variables).encode()
+        self.progress(f"{ident}, template files/{rel}, {where}")
+        return self._bounded(self._template(rel, ident, where, variables).encode(), ident, where)
+
+    def _bounded(self, data: bytes, ident: str, where: str) -> bytes:
+        """The limits of the commit's tree hold for rendered content too."""
+        limits = self.tree.limits
+        if len(data) > limits.max_blob_size:
+            raise RenderError(f"render: {ident} renders to {len(data)} bytes, over "
+                              f"limits.max_blob_size ({limits.max_blob_size}) ({where})")
+        self._total += len(data)
+        if self._total > limits.max_total_size:
+            raise RenderError(f"render: rendered content exceeds limits.max_total_size "
+                              f"({limits.max_total_size} bytes) at {ident} ({where})")
+        return data
 
     def _template(self, rel: str, ident: str, where: str, variables: dict) -> str:
         import jinja2
@@ -423,9 +453,11 @@ class Renderer:
 
     def _unit(self, parent: LineDict, name: Any, spec: Any, variables: dict) -> Resource:
         where = parent.where(name)
-        if not isinstance(name, str) or "/" in name.replace(".d/", "", 1) or ".." in name:
-            raise RenderError(f"render: unit name {name!r} is not a unit file or drop-in "
-                              f"(like app.service or app.service.d/override.conf) ({where})")
+        if not isinstance(name, str) or not (_UNIT_NAME.match(name) or _DROPIN.match(name)):
+            raise RenderError(f"render: unit name {name!r} is not a unit file or drop-in: "
+                              f"NAME.TYPE (TYPE one of {', '.join(UNIT_TYPES)}; letters, digits "
+                              f"and :-_.@\\ only, at most 255 characters) or "
+                              f"NAME.TYPE.d/FILE.conf ({where})")
         if not isinstance(spec, LineDict):
             raise RenderError(f"render: unit[{name}] must be a mapping ({where})")
         self._keys(spec, _UNIT_KEYS, f"unit[{name}]")
@@ -441,8 +473,10 @@ class Renderer:
 
     def _service(self, parent: LineDict, name: Any, spec: Any) -> Resource:
         where = parent.where(name)
-        if not isinstance(name, str) or "/" in name or not name:
-            raise RenderError(f"render: service name {name!r} is not valid ({where})")
+        if not isinstance(name, str) or not _UNIT_NAME.match(
+                name if "." in name else f"{name}.service"):
+            raise RenderError(f"render: service name {name!r} is not a unit name like "
+                              f"nginx.service ({where})")
         if not isinstance(spec, LineDict):
             raise RenderError(f"render: service[{name}] must be a mapping ({where})")
         self._keys(spec, _SERVICE_KEYS, f"service[{name}]")
@@ -498,5 +532,19 @@ def _template_line(e: BaseException, filename: str) -> str:
 
 
 def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
-           cache_dir: str | None = None) -> DesiredState:
-    return Renderer(tree, host, labels, facts, cache_dir).render()
+           cache_dir: str | None = None, should_stop: Any = None) -> DesiredState:
+    """Render in a forked child bounded by limits.render_timeout and render_memory: a
+    template that loops or grows for ever is a one-line RenderError, not a hung agent."""
+    from . import isolate
+
+    limits = tree.limits
+
+    def work(progress: Any) -> DesiredState:
+        return Renderer(tree, host, labels, facts, cache_dir, progress).render()
+
+    try:
+        return isolate.run(work, timeout=limits.render_timeout, memory=limits.render_memory,
+                           should_stop=should_stop or (lambda: False))
+    except isolate.Exhausted as e:
+        raise RenderError(f"render: refused commit {tree.commit[:12]}: rendering {e} "
+                          f"(limits.render_timeout, limits.render_memory)") from None

@@ -25,6 +25,8 @@ log = logging.getLogger("agent.source")
 FETCHED_REF = "refs/gitops/fetched"
 LAST_GOOD_REF = "refs/gitops/last-good"
 
+MAX_DEPTH = 64  # directories deep, in a commit's tree
+
 _BLOB_MODES = (pygit2.GIT_FILEMODE_BLOB, pygit2.GIT_FILEMODE_BLOB_EXECUTABLE)
 
 
@@ -188,10 +190,20 @@ class TreeReader:
         index: dict[str, pygit2.Object] = {}
         count = 0
         total = 0
-        stack = [("", self.tree)]
+        stack = [("", self.tree, 1)]
         while stack:
-            prefix, tree = stack.pop()
+            prefix, tree, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise TreeError(f"tree: {prefix.rstrip('/')} in commit {self.commit[:12]} is "
+                                f"nested more than {MAX_DEPTH} directories deep")
             for entry in tree:
+                # every entry counts, directories too: shared tree objects nested a few
+                # dozen deep stand for billions of paths and not a single blob
+                count += 1
+                if count > self.limits.max_files:
+                    raise TreeError(f"tree: commit {self.commit[:12]} has more than "
+                                    f"{self.limits.max_files} entries (limits.max_files counts "
+                                    f"files and directories)")
                 name = entry.name
                 path = f"{prefix}{name}"
                 if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
@@ -203,12 +215,8 @@ class TreeReader:
                                     f"(commit {self.commit[:12]})")
                 index[path] = entry
                 if mode == pygit2.GIT_FILEMODE_TREE:
-                    stack.append((path + "/", entry))
+                    stack.append((path + "/", entry, depth + 1))
                     continue
-                count += 1
-                if count > self.limits.max_files:
-                    raise TreeError(f"tree: commit {self.commit[:12]} has more than "
-                                    f"{self.limits.max_files} files (limits.max_files)")
                 total += self.repo.odb.read_header(entry.id)[1] if mode in _BLOB_MODES else 0
                 if total > self.limits.max_total_size:
                     raise TreeError(f"tree: commit {self.commit[:12]} holds more than "

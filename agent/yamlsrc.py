@@ -67,8 +67,50 @@ def _loader_for(src: str) -> type:
             out.key_lines[key] = key_node.start_mark.line + 1
         return out
 
+    def construct_document(loader: Any, node: yaml.Node) -> Any:
+        _check_expansion(node, src)
+        return base_construct_document(loader, node)
+
+    base_construct_document = _Base.construct_document
+    Loader.construct_document = construct_document
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
     return Loader
+
+
+MAX_NODES = 1_000_000  # nodes of the document with every alias expanded
+
+
+def _check_expansion(root: yaml.Node, src: str) -> None:
+    """Refuse a "billion laughs": anchors and aliases let 1 KB of YAML stand for 10^9
+    nodes. PyYAML shares aliased nodes, but every consumer that walks the value (str(),
+    merging, matching) expands it. Count each node as often as it is reached."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # a recursive alias counts once (construction refuses it anyway)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(v) for v in node.value)
+        sizes[key] = total = min(total, MAX_NODES + 1)
+        return total
+
+    if size(root) <= MAX_NODES:
+        return
+    # name the first top-level entry that holds the expansion
+    line = root.start_mark.line + 1
+    children = ([v for _, v in root.value] if isinstance(root, yaml.MappingNode)
+                else root.value if isinstance(root, yaml.SequenceNode) else [])
+    for child in children:
+        if sizes.get(id(child), 0) > MAX_NODES // 2:
+            line = child.start_mark.line + 1
+            break
+    raise YamlError(f"refused: anchors and aliases expand to more than {MAX_NODES} nodes "
+                    f"(an alias bomb?)", src, line)
 
 
 def load(text: str | bytes, src: str) -> Any:
@@ -83,3 +125,5 @@ def load(text: str | bytes, src: str) -> Any:
         raise YamlError(f"malformed YAML: {e.problem or e.context}", src, line) from None
     except yaml.YAMLError as e:
         raise YamlError(f"malformed YAML: {e}", src, None) from None
+    except RecursionError:
+        raise YamlError("refused: nested too deeply", src, None) from None

@@ -73,7 +73,7 @@ def test_too_many_files(env, tmp_path):
     cfg = write_config(tmp_path / "few.yaml", url=env["fleet"].bare, root=env["root"],
                        state_dir=env["state"], limits={"max_files": 3})
     p = agent("apply", "--config", str(cfg), check=1)
-    assert "more than 3 files (limits.max_files)" in p.stdout
+    assert "more than 3 entries (limits.max_files counts files and directories)" in p.stdout
     assert snapshot(env["root"]) == {}
 
 

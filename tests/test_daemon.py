@@ -258,3 +258,24 @@ def test_run_with_an_unusable_socket_path_fails_clearly(tmp_path):
                        state_dir=tmp_path / "state", socket="/proc/nonexistent/agent.sock")
     p = agent("run", "--config", str(cfg), check=1)
     assert "cannot listen on /proc/nonexistent/agent.sock" in p.stderr
+
+
+def test_sigterm_stops_a_daemon_stuck_in_a_template_loop(denv):
+    """A template that loops for minutes must not keep the daemon from stopping (the
+    Running context asserts a clean exit within 30 s of SIGTERM), and the watchdog is
+    fed only while the cycle makes progress."""
+    denv["fleet"].commit("loop", push=True, files={
+        "files/loop.j2": "{% for i in range(100000) %}{% for j in range(100000) %}"
+                         "{% endfor %}{% endfor %}\n",
+        "hosts/web-01.yaml": "files:\n  /etc/loop: {template: loop.j2}\n"})
+
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.running, timeout=20)
+            await asyncio.sleep(1.5)
+            assert d.running  # still rendering: the template really loops
+            assert d.watchdog_ok()  # the render child is polled: progress
+            d.progress_at -= 10_000  # a cycle that stopped asking for hours
+            assert not d.watchdog_ok()
+
+    asyncio.run(main())
