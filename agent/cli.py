@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import AgentError, UsageError
+from .errors import AgentError, TrustError, UsageError
 
 DEFAULT_CONFIG = "/etc/gitops-agent/agent.yaml"
 
@@ -195,7 +195,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .source import open_repo
-    from .trust import Verifier
+    from .trust import Verdict, Verifier, commit_time
 
     if not args.allowed_signers and not args.gpg_keyring:
         raise UsageError("verify: give --allowed-signers FILE and/or --gpg-keyring FILE")
@@ -204,8 +204,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise UsageError(f"verify: {path} does not exist")
     repo = open_repo(args.repo)
     commit = repo.resolve(args.rev)
-    v = Verifier(args.allowed_signers, args.gpg_keyring, args.revoked_keys).verify(
-        repo.raw_commit(commit), commit)
+    try:
+        commit_time(repo, commit)  # a commit libgit2 cannot parse is a bad verdict
+        v = Verifier(args.allowed_signers, args.gpg_keyring, args.revoked_keys).verify(
+            repo.raw_commit(commit), commit)
+    except TrustError as e:
+        v = Verdict(commit, False, None, None, str(e), e.rule)
     human = (f"good: {commit[:12]} signed by {v.signer} ({v.key})\n" if v.good
              else f"bad: {v.reason}\n")
     _print(v.to_json(), args.json, human)

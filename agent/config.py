@@ -58,7 +58,7 @@ class TrustConfig:
     require: str = "tip"
     allow_rewind: bool = False
     max_age: float | None = None
-    max_future_skew: float | None = None
+    max_future_skew: float | None = 86400.0  # off (null) only for RTC-less hosts
     unsigned: str = "refuse"
 
 
@@ -167,7 +167,7 @@ def _convert(kind: tuple, value: Any, where: str, key: str, base: Path) -> Any:
             raise ConfigError(f"config: {key} must be a whole number >= 0, got {value!r} ({where})")
         return value
     if k in (_DUR, _OPTDUR):
-        if value is None and k == _OPTDUR:
+        if k == _OPTDUR and (value is None or value == "off"):
             return None
         try:
             return parse_duration(value)

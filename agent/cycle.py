@@ -116,21 +116,30 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
         tip = last_good
     result.tip = tip
 
-    # verify: only a trusted commit's tree is ever read
+    # verify: only a trusted commit's tree is ever read. Offline, last good itself is
+    # checked against the trust files as they are now (a revoked key's commit is no
+    # longer enforced, online or not).
     target = None
-    if tip is not None:
+    last_good_bad = False
+    check = tip if tip is not None else (last_good if last_good and mirror.has_commit(last_good)
+                                         else None)
+    if check is not None:
         from . import trust
 
         try:
-            verdict = trust.gate(cfg.trust, mirror, state, tip, st)
-            target = tip
+            verdict = trust.gate(cfg.trust, mirror, state, check, st)
+            target = check
             result.signer = verdict.signer
             result.warnings.extend(verdict.warnings)
         except TrustError as e:
             result.rejected = str(e)
-            log.error("verify: %s", e, extra={"COMMIT": tip, "STAGE": "verify"})
+            last_good_bad = e.last_good_bad or check == last_good
+            log.error("verify: %s", e, extra={"COMMIT": check, "STAGE": "verify"})
+    if target is not None and tip is None:
+        log.warning("cycle: converging last good %s (%s)", last_good[:12],
+                    result.offline_reason, extra={"COMMIT": last_good, "STAGE": "fetch"})
     if target is None:
-        if last_good and mirror.has_commit(last_good):
+        if last_good and mirror.has_commit(last_good) and not last_good_bad:
             target = last_good
             result.signer = st.get("last_good_signer")
             why = result.rejected or result.offline_reason
@@ -140,6 +149,9 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             result.errors.append(result.rejected or
                                  f"offline with no last good revision to converge: "
                                  f"{result.offline_reason}")
+            if last_good_bad:
+                result.errors.append(f"last good {last_good[:12]} is no longer enforced: "
+                                     f"nothing is converged until a trusted tip arrives")
             result.state = "rejected" if result.rejected else "failed"
             return _finish(cfg, state, result, st, dry_run), None
     result.commit = target

@@ -46,11 +46,13 @@ class TreeError(SourceError):
 class TrustError(AgentError):
     """A commit is not trusted: which commit, which rule, which key."""
 
-    def __init__(self, message: str, *, commit: str = "", rule: str = "", key: str = "") -> None:
+    def __init__(self, message: str, *, commit: str = "", rule: str = "", key: str = "",
+                 last_good_bad: bool = False) -> None:
         super().__init__(message)
         self.commit = commit
         self.rule = rule
         self.key = key
+        self.last_good_bad = last_good_bad  # last good itself is no longer trusted
 
 
 class RenderError(AgentError):

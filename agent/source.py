@@ -121,6 +121,14 @@ class Mirror:
             obj = self.repo.revparse_single(rev)
             return str(obj.peel(pygit2.Commit).id)
         except (KeyError, pygit2.GitError, ValueError):
+            # a full id of a commit object libgit2 cannot parse is still a commit to judge
+            # (trust says "malformed"), not a missing revision
+            try:
+                if len(rev) == 40 and self.repo.odb.read_header(
+                        pygit2.Oid(hex=rev))[0] == pygit2.enums.ObjectType.COMMIT:
+                    return rev
+            except (KeyError, ValueError, pygit2.GitError):
+                pass
             raise UsageError(f"revision {rev!r} not found in {self.path}") from None
 
     def raw_commit(self, commit: str) -> bytes:

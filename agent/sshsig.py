@@ -324,8 +324,10 @@ class SshSig:
 
 
 def dearmor(text: str) -> bytes:
+    if "\r" in text:  # git hands CRs to ssh-keygen, which refuses the armor: so do we
+        raise SigError("SSH signature armor has carriage returns (CRLF lines)",
+                       rule="signature-format")
     lines = text.strip().split("\n")
-    lines = [line.rstrip("\r") for line in lines]
     if len(lines) < 3 or lines[0] != _ARMOR_BEGIN or lines[-1] != _ARMOR_END:
         raise SigError("SSH signature armor is malformed (BEGIN/END lines)",
                        rule="signature-format")

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -196,11 +197,55 @@ def trust_digest(*paths: str | None) -> str:
 
 
 def _read_trust_file(path: str) -> bytes:
+    check_trust_path(path)
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
         raise TrustError(f"trust: cannot read {path}: {e.strerror}", rule="trust-files") from None
+
+
+def check_trust_path(path: str) -> None:
+    """Like OpenSSH's StrictModes: a trust file that someone else can change is no trust
+    at all. The file and every directory on the way to it (as written and as resolved
+    through symlinks) must be owned by root or the agent's user and not group- or
+    world-writable; a root-owned sticky directory (/tmp) is allowed on the way, since
+    nobody else can rename what is in it."""
+    me = os.geteuid()
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TrustError(f"trust: cannot read {path}: {e.strerror}", rule="trust-files") from None
+    why = _unsafe(st, me, is_dir=False)
+    if why:
+        raise TrustError(f"trust: refusing {path}: it is {why}; make it root-owned and not "
+                         f"group/world-writable (chmod go-w)", rule="trust-files")
+    for start in (os.path.abspath(path), os.path.realpath(path)):
+        d = os.path.dirname(start)
+        while True:
+            try:
+                dst = os.stat(d)
+            except OSError as e:
+                raise TrustError(f"trust: cannot check {d} (on the way to {path}): "
+                                 f"{e.strerror}", rule="trust-files") from None
+            why = _unsafe(dst, me, is_dir=True)
+            if why:
+                raise TrustError(f"trust: refusing {path}: directory {d} on the way to it is "
+                                 f"{why}", rule="trust-files")
+            if d == "/":
+                break
+            d = os.path.dirname(d)
+
+
+def _unsafe(st: os.stat_result, me: int, is_dir: bool) -> str:
+    if st.st_uid not in (0, me):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        if is_dir and st.st_mode & stat.S_ISVTX and st.st_uid == 0:
+            return ""
+        return f"writable by {'others' if st.st_mode & 0o002 else 'group'} " \
+               f"(mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
 
 
 def _dearmor_pgp(data: bytes) -> bytes:
@@ -242,6 +287,9 @@ def gpgv(keyring: str, signature: str, payload: bytes) -> list[list[str]]:
             if line.startswith("[GNUPG:] ")]
 
 
+_GPG_VERDICT_WORDS = ("GOODSIG", "BADSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "ERRSIG")
+
+
 def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
     """Status lines look like `[GNUPG:] VALIDSIG <fpr> <date> ... <primary-fpr>`.
 
@@ -250,6 +298,14 @@ def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
     trusted primary key is accepted.
     """
     words = {s[0]: s[1:] for s in status if s}
+    sigs = sum(1 for s in status if s and s[0] == "NEWSIG")
+    verdicts = sum(1 for s in status if s and s[0] in _GPG_VERDICT_WORDS)
+    if sigs > 1 or verdicts > 1:
+        # git refuses an armor holding several signatures (two exclusive status lines),
+        # whoever made them; so does the agent
+        raise TrustError(f"commit {commit[:12]}: the OpenPGP armor holds {max(sigs, verdicts)} "
+                         f"signatures; exactly one is accepted", commit=commit,
+                         rule="signature-format")
     for bad, rule, text in (("BADSIG", "bad-signature", "bad OpenPGP signature"),
                             ("REVKEYSIG", "revoked", "OpenPGP key is revoked"),
                             ("EXPKEYSIG", "expired", "OpenPGP key has expired"),
@@ -278,9 +334,32 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
     last_good = st.get("last_good")
     repo = mirror.repo
     warnings: list[str] = []
+    tip_time = commit_time(mirror, tip)  # a tip that is not a parseable commit stops here
+
+    anchor = last_good
+    last_time = st.get("last_good_committer_time")
+    if last_good and tip != last_good and tcfg.unsigned != "allow":
+        # last good must still pass the trust files as they are now: a key removed from
+        # allowed_signers takes its commits' standing with it
+        lg = _verdicts(tcfg, mirror, state, [last_good])[0]
+        if not lg.good:
+            anchor = _newest_trusted_ancestor(tcfg, mirror, state, last_good)
+            why = (f"last good {last_good[:12]} no longer passes the trust files ({lg.reason})"
+                   f"; it is not enforced any more")
+            if anchor is None or not repo.descendant_of(tip, anchor) and tip != anchor:
+                raise TrustError(
+                    f"{why}, and tip {tip[:12]} does not descend from a commit that still "
+                    f"passes them; push a fix signed by a trusted key", commit=tip,
+                    rule="last-good-untrusted", key=lg.key or "", last_good_bad=True)
+            log.warning("verify: %s; tip %s descends from %s, which still passes", why,
+                        tip[:12], anchor[:12], extra={"COMMIT": tip, "STAGE": "verify"})
+            if last_time is not None and tip_time <= last_time:
+                raise TrustError(f"{why}, and tip {tip[:12]} is not newer than it (committer "
+                                 f"time): an older commit cannot be replayed", commit=tip,
+                                 rule="backdated", last_good_bad=True)
 
     # anti-rollback: must descend from last good (blocks replay of an older signed commit)
-    if last_good and tip != last_good and not tcfg.allow_rewind:
+    if anchor == last_good and last_good and tip != last_good and not tcfg.allow_rewind:
         if not mirror.has_commit(last_good):
             raise TrustError(f"last good {last_good[:12]} is missing from the mirror; cannot "
                              f"check ancestry", commit=tip, rule="ancestry")
@@ -288,13 +367,18 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
             raise TrustError(f"tip {tip[:12]} does not descend from last good {last_good[:12]} "
                              f"(a rewind, force-push or other history); refused "
                              f"(trust.allow_rewind is false)", commit=tip, rule="ancestry")
-    tip_time = repo[tip].commit_time
-    last_time = st.get("last_good_committer_time")
+    now = time.time()
+    accepted_at = st.get("last_good_time")
+    if (tcfg.max_future_skew is not None and last_time is not None and accepted_at
+            and last_time > accepted_at + tcfg.max_future_skew):
+        # with a trustworthy clock, a last good that was dated in the future when it was
+        # accepted (by a host without the bound) must not make every later commit look
+        # backdated: compare with when it was accepted instead
+        last_time = int(accepted_at)
     if last_good and tip != last_good and last_time is not None and tip_time < last_time:
         raise TrustError(f"tip {tip[:12]} has a committer time older than last good "
                          f"{last_good[:12]}'s; refused (backdated commit)", commit=tip,
                          rule="backdated")
-    now = time.time()
     if tcfg.max_future_skew is not None and tip_time > now + tcfg.max_future_skew:
         raise TrustError(f"tip {tip[:12]} is dated {int(tip_time - now)}s in the future, more "
                          f"than trust.max_future_skew", commit=tip, rule="future")
@@ -313,23 +397,64 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
         raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
                          "trust.unsigned is refuse: nothing can be trusted", commit=tip,
                          rule="trust-files")
+    commits = [tip]
+    if tcfg.require == "all" and anchor and tip != anchor:
+        import pygit2
+
+        walker = repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL)
+        walker.hide(anchor)
+        commits = [str(c.id) for c in walker]
+    verdicts = _verdicts(tcfg, mirror, state, commits, stop_at_bad=True)
+    for v in verdicts:
+        if not v.good:
+            where = "" if v.commit == tip else f" (in the range to tip {tip[:12]}, require: all)"
+            raise TrustError(f"{v.reason}{where}", commit=v.commit, rule=v.rule,
+                             key=v.key or "")
+    tip_verdict = next(v for v in verdicts if v.commit == tip)
+    tip_verdict.warnings = warnings + list(_cache_warnings(state))
+    log.info("verify: %s @%s", tip_verdict.reason, tip[:7],
+             extra={"COMMIT": tip, "STAGE": "verify"})
+    return tip_verdict
+
+
+def commit_time(mirror: Any, commit: str) -> int:
+    """The committer time of a commit that libgit2 can parse; anything else (a blob or
+    tag where the branch should point, a malformed object) is refused as untrusted."""
+    import pygit2
+
+    try:
+        otype = mirror.repo.odb.read_header(pygit2.Oid(hex=commit))[0]
+    except (KeyError, ValueError, pygit2.GitError):
+        raise TrustError(f"tip {commit[:12]} is missing from the mirror", commit=commit,
+                         rule="missing") from None
+    if otype != pygit2.enums.ObjectType.COMMIT:
+        name = {pygit2.enums.ObjectType.TAG: "an annotated tag",
+                pygit2.enums.ObjectType.BLOB: "a blob",
+                pygit2.enums.ObjectType.TREE: "a tree"}.get(otype, "not a commit")
+        raise TrustError(f"tip is not a commit: the branch points at {name} ({commit[:12]})",
+                         commit=commit, rule="not-a-commit")
+    try:
+        return int(mirror.repo[commit].commit_time)
+    except (KeyError, ValueError, pygit2.GitError):
+        raise TrustError(f"commit {commit[:12]} is a malformed commit object", commit=commit,
+                         rule="malformed-commit") from None
+
+
+def _verdicts(tcfg: TrustConfig, mirror: Any, state: Any, commits: list[str],
+              stop_at_bad: bool = False) -> list[Verdict]:
+    """Verdicts of `commits` under the trust files as they are now, through the cache
+    (keyed by the digest of the trust files: editing them invalidates every verdict)."""
     paths = (tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
     try:
         cache_key = trust_digest(*paths)  # a verdict depends on the commit and these only
     except TrustError as e:
-        raise TrustError(str(e), commit=tip, rule="trust-files") from None
+        raise TrustError(str(e), commit=commits[0] if commits else "",
+                         rule="trust-files") from None
     cache = state.load_verdicts() if state is not None else {}
     if cache.get("key") != cache_key:
         cache = {"key": cache_key, "verdicts": {}, "warnings": []}
     verifier: Verifier | None = None  # parsed (and cryptography imported) only on a miss
-    commits = [tip]
-    if tcfg.require == "all" and last_good and tip != last_good:
-        import pygit2
-
-        walker = repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL)
-        walker.hide(last_good)
-        commits = [str(c.id) for c in walker]
-    tip_verdict = None
+    out = []
     dirty = False
     for commit in commits:
         cached = cache["verdicts"].get(commit)
@@ -344,20 +469,32 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
             cache["verdicts"][commit] = {"good": v.good, "signer": v.signer, "key": v.key,
                                          "reason": v.reason, "rule": v.rule}
             dirty = True
-        if not v.good:
-            if dirty and state is not None:
-                _save_cache(state, cache)
-            where = "" if commit == tip else f" (in the range to tip {tip[:12]}, require: all)"
-            raise TrustError(f"{v.reason}{where}", commit=commit, rule=v.rule, key=v.key or "")
-        if commit == tip:
-            tip_verdict = v
+        out.append(v)
+        if stop_at_bad and not v.good:
+            break
     if dirty and state is not None:
         _save_cache(state, cache)
-    assert tip_verdict is not None
-    tip_verdict.warnings = warnings + list(cache.get("warnings") or [])
-    log.info("verify: %s @%s", tip_verdict.reason, tip[:7],
-             extra={"COMMIT": tip, "STAGE": "verify"})
-    return tip_verdict
+    return out
+
+
+def _cache_warnings(state: Any) -> list[str]:
+    return list((state.load_verdicts() if state is not None else {}).get("warnings") or [])
+
+
+def _newest_trusted_ancestor(tcfg: TrustConfig, mirror: Any, state: Any, commit: str,
+                             limit: int = 1000) -> str | None:
+    """The newest ancestor of `commit` that passes the trust files as they are now."""
+    import pygit2
+
+    walker = mirror.repo.walk(commit, pygit2.enums.SortMode.TOPOLOGICAL
+                              | pygit2.enums.SortMode.TIME)
+    for n, c in enumerate(walker):
+        if n >= limit:
+            break
+        cid = str(c.id)
+        if cid != commit and _verdicts(tcfg, mirror, state, [cid])[0].good:
+            return cid
+    return None
 
 
 def _save_cache(state: Any, cache: dict[str, Any], keep: int = 5000) -> None:
