@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import Fleet, agent, allowed_line, git, ssh_key, write_config
 from test_trust import agent_good, both, signed_commit
-from trustkit import git_good, gpg, gpg_key, raw_commit, ssh_sign, strip_sig, with_sig, \
-    write_commit
+from trustkit import git_good, gpg, gpg_key, raw_commit, ssh_sign, strip_sig, with_sig, write_commit
 
 from agent.errors import TrustError
 from agent.trust import check_trust_path
