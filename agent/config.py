@@ -48,6 +48,7 @@ class SourceConfig:
     token_file: str | None = None
     ca_bundle: str | None = None
     timeout: float = 30.0
+    fetch_deadline: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ _SCHEMA: dict[str, Any] = {
     "source": ("section", SourceConfig, {
         "url": ("url",), "branch": (_STR,), "mirrors": ("urllist",),
         "ssh_key": (_PATH,), "known_hosts": (_PATH,), "token_file": (_PATH,),
-        "ca_bundle": (_PATH,), "timeout": (_DUR,),
+        "ca_bundle": (_PATH,), "timeout": (_DUR,), "fetch_deadline": (_DUR,),
     }),
     "trust": ("section", TrustConfig, {
         "allowed_signers": (_PATH,), "gpg_keyring": (_PATH,), "revoked_keys": (_PATH,),

@@ -107,8 +107,16 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
     # fetch
     tip = None
     if fetch:
-        fetched = mirror.fetch()
+        fetched = mirror.fetch(should_stop)
+        if (last_good and not mirror.rebuilt
+                and (fetched.offline or not mirror.has_commit(last_good))):
+            problem = mirror.problem([last_good])
+            if problem:  # a damaged mirror never heals by itself: start it anew
+                mirror.rebuild(problem)
+                fetched = mirror.fetch(should_stop)
         tip = fetched.tip
+        if mirror.rebuilt:
+            result.warnings.append(mirror.rebuilt)
         if fetched.offline:
             result.offline = True
             result.offline_reason = "; ".join(fetched.errors)
@@ -186,7 +194,17 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
                       state.p("jinja-cache"), should_stop)
 
     try:
-        desired = render_commit(target)
+        try:
+            desired = render_commit(target)
+        except (RenderError, SourceError):
+            problem = "" if mirror.rebuilt or not fetch else mirror.problem([target])
+            if not problem:
+                raise
+            mirror.rebuild(problem)  # damaged objects: fetch them again, render again
+            result.warnings.append(mirror.rebuilt)
+            if mirror.fetch(should_stop).tip is None or not mirror.has_commit(target):
+                raise
+            desired = render_commit(target)
     except (RenderError, SourceError) as e:
         result.errors.append(str(e))
         log.error("%s", e, extra={"COMMIT": target, "STAGE": "render"})

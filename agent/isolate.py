@@ -33,7 +33,7 @@ def _vsize() -> int:
         return 0
 
 
-def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: int,
+def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: int | None,
         should_stop: Callable[[], bool] = lambda: False) -> Any:
     """fn(progress) in a child; returns its result or re-raises its AgentError.
 
@@ -45,8 +45,9 @@ def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: i
         code = 0
         try:
             os.close(r)
-            limit = _vsize() + memory
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            if memory is not None:
+                limit = _vsize() + memory
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
             def progress(text: str) -> None:
                 os.write(w, b"P" + text.encode(errors="replace").replace(b"\n", b" ") + b"\n")
@@ -102,7 +103,7 @@ def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: i
     if tag == b"E":
         raise pickle.loads(body)  # noqa: S301
     if tag == b"M":
-        raise Exhausted(f"ran out of memory (more than {memory >> 20} MiB)"
+        raise Exhausted(f"ran out of memory (more than {(memory or 0) >> 20} MiB)"
                         + (f" (at {last})" if last else ""))
     why = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
            else f"exited {os.WEXITSTATUS(status)}")

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pygit2
 
@@ -55,30 +58,103 @@ class Mirror:
     def __init__(self, path: str, source: SourceConfig) -> None:
         self.path = path
         self.source = source
-        if os.path.isdir(path):
+        self.rebuilt = ""  # why the mirror was moved aside and made anew this cycle
+        problem = ""
+        if os.path.lexists(path) and not os.path.isdir(path):
+            problem = "it is not a directory"
+        elif os.path.isdir(path):
             try:
                 self.repo = pygit2.Repository(path)
+                problem = _bad_head(path)
             except pygit2.GitError as e:
-                raise SourceError(
-                    f"source: the mirror {path} is not a readable git repository ({e}); "
-                    f"remove it and the next cycle re-fetches it") from None
-        else:
+                problem = f"not a readable git repository: {_clean(e)}"
+        if problem:
+            self.rebuild(problem)
+        elif not os.path.isdir(path):
             self.repo = pygit2.init_repository(path, bare=True)
+
+    def rebuild(self, problem: str) -> None:
+        """Move an unusable mirror aside (the newest broken copy is kept for a post-mortem)
+        and start a new one; the next fetch fills it again."""
+        if getattr(self, "repo", None) is not None:
+            # libgit2 caches packs process-wide by path: the new mirror's pack (same name,
+            # same content) would otherwise be read through the damaged old mapping
+            self.repo.free()
+        aside = f"{self.path}.broken"
+        if os.path.lexists(aside):
+            if os.path.isdir(aside) and not os.path.islink(aside):
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.unlink(aside)
+        if os.path.lexists(self.path):
+            os.rename(self.path, aside)
+        self.repo = pygit2.init_repository(self.path, bare=True)
+        self.rebuilt = (f"the mirror was unusable ({problem}): moved aside to {aside}, "
+                        f"fetching it again")
+        log.warning("source: %s", self.rebuilt, extra={"STAGE": "fetch"})
+
+    def problem(self, commits: list[str]) -> str:
+        """Read every object of these commits (commit, trees, blobs): "" when all are
+        whole, else what is broken. Only run when something already failed."""
+        try:
+            for commit in commits:
+                self.repo.odb.read(pygit2.Oid(hex=commit))
+                stack = [self.repo[commit].peel(pygit2.Commit).tree]
+                while stack:
+                    tree = stack.pop()
+                    for entry in tree:
+                        if entry.filemode == pygit2.GIT_FILEMODE_TREE:
+                            stack.append(self.repo[entry.id])
+                        elif entry.filemode != pygit2.GIT_FILEMODE_COMMIT:
+                            self.repo.odb.read(entry.id)
+        except (KeyError, ValueError, pygit2.GitError) as e:
+            return f"objects cannot be read: {_clean(e)}"
+        return ""
 
     # --- fetch -------------------------------------------------------------------------
 
-    def fetch(self) -> FetchResult:
-        """Try the URL, then each mirror; the first that yields the branch wins."""
+    def fetch(self, should_stop: Any = None) -> FetchResult:
+        """Try the URL, then each mirror; the first that yields the branch wins. All of
+        it within source.fetch_deadline: source.timeout bounds one read, and a server
+        that drips one byte at a time would otherwise hold the cycle for ever."""
+        from . import isolate
+
         pygit2.settings.server_connect_timeout = int(self.source.timeout * 1000)
         pygit2.settings.server_timeout = int(self.source.timeout * 1000)
         errors = []
+        deadline = time.monotonic() + self.source.fetch_deadline
         for url in (self.source.url, *self.source.mirrors):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                errors.append(f"fetch from {redact(url)} not tried: source.fetch_deadline "
+                              f"({self.source.fetch_deadline:g}s) reached")
+                break
             try:
-                return FetchResult(self._fetch_one(url), url, errors)
+                # in a child, so that the deadline can stop libgit2 mid-transfer
+                tip = isolate.run(lambda _p, u=url: self._fetch_one(u), timeout=left,
+                                  memory=None, should_stop=should_stop or (lambda: False))
+                return FetchResult(tip, url, errors)
+            except isolate.Exhausted as e:
+                self._clear_locks()
+                err = SourceError(f"fetch from {redact(url)} stopped: it {e} "
+                                  f"(source.fetch_deadline)")
+                errors.append(str(err))
+                log.warning("fetch: %s", err)
             except SourceError as e:
                 errors.append(str(e))
                 log.warning("fetch: %s", e)
         return FetchResult(None, None, errors)
+
+    def _clear_locks(self) -> None:
+        """A fetch killed at its deadline may leave libgit2's lock and temp files; the
+        state lock guarantees nobody else is using the mirror."""
+        for dirpath, _, names in os.walk(self.path):
+            for name in names:
+                if name.endswith(".lock") or name.startswith(("tmp_pack", "pack_git2_")):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                    except OSError:
+                        pass
 
     def _fetch_one(self, url: str) -> str:
         branch = self.source.branch
@@ -167,6 +243,21 @@ def _fetch_head_tip(gitdir: str, branch: str) -> str | None:
     return None
 
 
+def _bad_head(gitdir: str) -> str:
+    """HEAD must be a symbolic ref or an object id; anything else breaks libgit2 later."""
+    try:
+        with open(os.path.join(gitdir, "HEAD"), "rb") as f:
+            head = f.read(256)
+    except OSError as e:
+        return f"HEAD cannot be read: {e.strerror}"
+    text = head.decode("ascii", errors="replace").strip()
+    if text.startswith("ref: refs/") and text.isprintable() and " " not in text[5:]:
+        return ""
+    if len(text) == 40 and all(c in "0123456789abcdef" for c in text):
+        return ""
+    return f"HEAD holds {head[:40]!r}"
+
+
 def _clean(e: BaseException) -> str:
     return str(e).strip().rstrip(".") or type(e).__name__
 
@@ -184,7 +275,11 @@ class TreeReader:
         self.repo = repo
         self.commit = commit
         self.limits = limits
-        self.tree = repo[commit].peel(pygit2.Commit).tree
+        try:
+            self.tree = repo[commit].peel(pygit2.Commit).tree
+        except (KeyError, ValueError, pygit2.GitError) as e:
+            raise TreeError(f"tree: commit {commit[:12]} cannot be read from the mirror: "
+                            f"{_clean(e)}") from None
         self._index: dict[str, pygit2.Object] | None = None
 
     def check(self) -> None:
@@ -195,6 +290,13 @@ class TreeReader:
         """
         if self._index is not None:
             return
+        try:
+            self._check()
+        except pygit2.GitError as e:
+            raise TreeError(f"tree: commit {self.commit[:12]} cannot be read from the "
+                            f"mirror: {_clean(e)}") from None
+
+    def _check(self) -> None:
         index: dict[str, pygit2.Object] = {}
         count = 0
         total = 0
@@ -260,11 +362,14 @@ class TreeReader:
             raise TreeError(f"{path} does not exist in commit {self.commit[:12]}")
         if isinstance(node, pygit2.Tree):
             raise TreeError(f"{path} is a directory, not a file")
-        size = self.repo.odb.read_header(node.id)[1]
-        if size > self.limits.max_blob_size:
-            raise TreeError(f"{path} is {size} bytes, over the limit of "
-                            f"{self.limits.max_blob_size} (limits.max_blob_size)")
-        return node.data
+        try:
+            size = self.repo.odb.read_header(node.id)[1]
+            if size > self.limits.max_blob_size:
+                raise TreeError(f"{path} is {size} bytes, over the limit of "
+                                f"{self.limits.max_blob_size} (limits.max_blob_size)")
+            return node.data
+        except pygit2.GitError as e:
+            raise TreeError(f"{path} cannot be read from the mirror: {_clean(e)}") from None
 
     def blob_id(self, path: str) -> str:
         node = self._entry(path)
