@@ -83,6 +83,32 @@ def _print(data: Any, as_json: bool, human: str) -> None:
         sys.stdout.write(human)
 
 
+def socket_path(config_path: str) -> str:
+    """Where the daemon listens. The client verbs must reach the daemon exactly when
+    agent.yaml is broken (status shows the error), so an invalid file is read leniently:
+    its `socket:` if that much can be found, else the default."""
+    from .config import Config, ConfigError, load_file
+
+    try:
+        return load_file(config_path).socket
+    except ConfigError:
+        pass
+    import re
+
+    try:
+        with open(config_path, "rb") as f:
+            text = f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return Config().socket
+    # a top-level `socket: PATH` line, whatever else in the file is broken
+    m = re.search(r"""^socket:[ \t]*["']?([^"'#\s]+)["']?[ \t]*(?:#.*)?$""", text, re.M)
+    if m is None:
+        return Config().socket
+    sock = m.group(1)
+    return sock if os.path.isabs(sock) else os.path.join(
+        os.path.dirname(os.path.abspath(config_path)), sock)
+
+
 def _config(args: argparse.Namespace) -> Any:
     from .config import load_file
 
@@ -225,8 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_control(args: argparse.Namespace) -> int:
     from .control import client_verb
 
-    cfg = _config(args)
-    return client_verb(cfg, args)
+    return client_verb(socket_path(args.config), args)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

@@ -228,6 +228,21 @@ def _section(cls: type, schema: dict[str, Any], data: Any, where: str, prefix: s
         raise ConfigError(f"config: {prefix} is missing {', '.join(missing)} ({where})") from None
 
 
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def host_name_problem(name: str) -> str:
+    """"" for a hostname-like name (RFC 1123 labels joined by dots, at most 253
+    characters), else why not. The name becomes file names in the report drop and
+    hosts/NAME.yaml, so `/`, `..`, newlines and the like must never get through."""
+    if not name or len(name) > 253:
+        return "must be 1 to 253 characters"
+    if not all(_LABEL.match(label) for label in name.split(".")):
+        return ("must be hostname labels (letters, digits, '-' inside, at most 63 each) "
+                "joined by dots")
+    return ""
+
+
 def parse(text: str, src: str) -> Config:
     """Parse agent.yaml text. Relative paths are relative to the file's directory."""
     try:
@@ -240,6 +255,9 @@ def parse(text: str, src: str) -> Config:
     cfg = _section(Config, _SCHEMA, data, f"{src}:1", "", base)
     if not cfg.source.url:
         raise ConfigError(f"config: source.url is required: where to fetch the fleet repo ({src})")
+    if cfg.host.name is not None and (why := host_name_problem(cfg.host.name)):
+        where = data.get("host").where("name") if isinstance(data.get("host"), LineDict) else src
+        raise ConfigError(f"config: host.name {cfg.host.name!r} {why} ({where})")
     return Config(**{**{f.name: getattr(cfg, f.name) for f in fields(Config)}, "path": src})
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import json
+import logging
 import os
 import socket
 import struct
@@ -23,10 +24,17 @@ from typing import Any
 
 from .errors import AgentError
 
+log = logging.getLogger("agent.control")
+
 GROUP = "gitops-agent"
 READ_VERBS = {"status", "plan", "history"}
 WRITE_VERBS = {"sync", "pause", "resume"}
 MAX_LINE = 64 * 1024
+MAX_CLIENTS = 64  # beyond this a new connection is answered "busy" and closed
+IDLE_TIMEOUT = 30.0  # a client that sends nothing for this long is dropped
+SEND_TIMEOUT = 10.0  # a client that does not read its answers for this long is dropped
+WRITE_BUFFER = 256 * 1024  # per connection, before the writer waits for the client
+MAX_HISTORY = 1000
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -73,6 +81,7 @@ class ControlServer:
         self.path = path
         self.handler = handler  # async (verb, request) -> result
         self.server: asyncio.base_events.Server | None = None
+        self.clients = 0
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -100,47 +109,78 @@ class ControlServer:
             pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients += 1
         try:
-            sock = writer.get_extra_info("socket")
-            pid, uid, gid = peer_credentials(sock)
-            while True:
-                try:
-                    line = await reader.readline()
-                except (asyncio.LimitOverrunError, ValueError):
-                    await _send(writer, {"ok": False, "error": "request line too long"})
-                    return
-                if not line:
-                    return
-                try:
-                    req = json.loads(line)
-                    verb = req["verb"]
-                    if not isinstance(verb, str):
-                        raise TypeError
-                except (ValueError, KeyError, TypeError):
-                    await _send(writer, {"ok": False, "error": "bad request: expected a JSON "
-                                                               "object with a 'verb'"})
-                    continue
-                if verb not in READ_VERBS | WRITE_VERBS:
-                    await _send(writer, {"ok": False, "error": f"unknown verb {verb!r}"})
-                    continue
-                denied = authorize(verb, pid, uid, gid)
-                if denied:
-                    await _send(writer, {"ok": False, "error": denied})
-                    continue
-                try:
-                    result = await self.handler(verb, req, uid)
-                    await _send(writer, {"ok": True, "result": result})
-                except AgentError as e:
-                    await _send(writer, {"ok": False, "error": str(e)})
-        except (ConnectionError, BrokenPipeError):
-            pass
+            if self.clients > MAX_CLIENTS:
+                # every connection holds an fd: past the cap, say so and hang up at once
+                await _send(writer, {"ok": False, "error": f"busy: more than {MAX_CLIENTS} "
+                                                           f"connections; try again"})
+                return
+            writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
+            await self._serve(reader, writer)
+        except (ConnectionError, BrokenPipeError, TimeoutError):
+            pass  # gone, idle, or not reading its answers: dropped
+        except Exception as e:  # noqa: BLE001 - one client must never take the socket down
+            log.error("control: dropped a client after an internal error: %s: %s",
+                      type(e).__name__, e, extra={"STAGE": "control"})
         finally:
+            self.clients -= 1
             writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        pid, uid, gid = peer_credentials(sock)
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+            except (asyncio.LimitOverrunError, ValueError):
+                await _send(writer, {"ok": False, "error": "request line too long"})
+                return
+            if not line:
+                return
+            try:
+                req = json.loads(line)
+                verb = req["verb"]
+                if not isinstance(verb, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                await _send(writer, {"ok": False, "error": "bad request: expected a JSON "
+                                                           "object with a 'verb'"})
+                continue
+            if verb not in READ_VERBS | WRITE_VERBS:
+                await _send(writer, {"ok": False, "error": f"unknown verb {verb!r}"})
+                continue
+            denied = authorize(verb, pid, uid, gid) or _bad_arguments(verb, req)
+            if denied:
+                await _send(writer, {"ok": False, "error": denied})
+                continue
+            try:
+                result = await self.handler(verb, req, uid)
+                await _send(writer, {"ok": True, "result": result})
+            except AgentError as e:
+                await _send(writer, {"ok": False, "error": str(e)})
+
+
+def _bad_arguments(verb: str, req: dict) -> str | None:
+    """Arguments are checked here, so a handler never sees a wrong type."""
+    if not isinstance(req, dict):
+        return "bad request: expected a JSON object"
+    if verb == "history" and "n" in req:
+        n = req["n"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_HISTORY:
+            return f"bad request: history n must be a whole number 0..{MAX_HISTORY}, got {n!r}"
+    if verb == "pause" and not isinstance(req.get("reason", ""), str):
+        return "bad request: pause reason must be a string"
+    if verb == "pause" and len(req.get("reason", "")) > 1000:
+        return "bad request: pause reason is longer than 1000 characters"
+    if verb == "sync" and not isinstance(req.get("wait", False), bool):
+        return "bad request: sync wait must be true or false"
+    return None
 
 
 async def _send(writer: asyncio.StreamWriter, data: dict) -> None:
     writer.write(json.dumps(data, default=str).encode() + b"\n")
-    await writer.drain()
+    await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
 
 
 # --- client ----------------------------------------------------------------------------
@@ -219,7 +259,7 @@ def human_status(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def client_verb(cfg: Any, args: Any) -> int:
+def client_verb(socket_path: str, args: Any) -> int:
     from .cli import _human_cycle, _print
 
     verb = args.verb
@@ -232,7 +272,7 @@ def client_verb(cfg: Any, args: Any) -> int:
         req["reason"] = args.reason
     if verb == "plan":
         timeout = 600.0
-    result = request(cfg.socket, req, timeout)
+    result = request(socket_path, req, timeout)
     if verb == "status":
         _print(result, args.json, human_status(result))
         return 0 if result.get("state") not in ("failed", "rejected") else 1

@@ -76,7 +76,14 @@ def render_key(commit: str, host: str, labels: dict[str, str], facts_digest: str
 def host_identity(cfg: Config) -> tuple[str, dict[str, str]]:
     import socket
 
-    return cfg.host.name or socket.gethostname(), dict(cfg.host.labels)
+    from .config import host_name_problem
+    from .errors import ConfigError
+
+    name = cfg.host.name or socket.gethostname()
+    if why := host_name_problem(name):
+        raise ConfigError(f"config: this machine's hostname {name!r} {why}; set host.name "
+                          f"in {cfg.path or 'agent.yaml'}")
+    return name, dict(cfg.host.labels)
 
 
 def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
@@ -244,8 +251,11 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
     result.changes = changes
     result.processes = host.spawned
     checked_at = now if full_check else manifest.get("full_check_at", now)
-    state.save_manifest({"commit": target, "render_key": key, "full_check_at": checked_at,
-                         "host": name, "resources": new_resources})
+    try:
+        state.save_manifest({"commit": target, "render_key": key, "full_check_at": checked_at,
+                             "host": name, "resources": new_resources})
+    except AgentError as e:
+        result.errors.append(str(e))  # not recorded: last good must not move either
     if result.ok:
         if target != last_good:
             st["last_good"] = target

@@ -211,9 +211,19 @@ class Daemon:
         finally:
             self.running = False
         self.cycles += 1
+        if not fetch and self.offline_since and self.last is not None and result.ok:
+            # a no-fetch (drift) cycle knows nothing new about the source: still offline
+            result.offline = True
+            result.offline_reason = self.last.offline_reason
+            if result.state == "converged":
+                result.state = "offline"
         self.last = result
         if "drift" in reasons:
-            fixed = [c for c in result.changes if c.changed and not c.failed]
+            # one correction per drifted resource: not the restart it notified, nor the
+            # daemon-reload after a unit file
+            fixed = [c for c in result.changes if c.changed and not c.failed
+                     and c.action not in ("restart", "reload")
+                     and not c.id.startswith("systemd[")]
             self.drift_corrections += len(fixed)
             for c in fixed:
                 log.warning("drift: %s corrected: %s", c.id, c.msg,

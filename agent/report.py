@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -209,11 +210,14 @@ async def flush_sftp(cfg: Any, host: str, timeout: float = 20.0) -> int:
     pending = queue.pending()
     if not pending:
         return 0
-    # no pinned known_hosts means no trusted host key at all: refuse, never trust on use
+    # no pinned known_hosts means no trusted host key at all: refuse, never trust on use.
+    # asyncssh reads ~/.ssh/known_hosts for (), checks nothing for None, and reads the
+    # user's ~/.ssh/config unless told not to: none of that, ever.
     options = {"username": sftp_cfg.user, "port": sftp_cfg.port,
-               "known_hosts": sftp_cfg.known_hosts or (),
+               "known_hosts": (sftp_cfg.known_hosts if sftp_cfg.known_hosts
+                               else asyncssh.import_known_hosts("")),
                "client_keys": [sftp_cfg.key] if sftp_cfg.key else None,
-               "connect_timeout": timeout}
+               "config": None, "agent_path": None, "connect_timeout": timeout}
     sent = 0
     async with asyncssh.connect(sftp_cfg.host, **options) as conn, \
             conn.start_sftp_client() as sftp:
@@ -234,13 +238,42 @@ async def flush_sftp(cfg: Any, host: str, timeout: float = 20.0) -> int:
 # --- fleet status ----------------------------------------------------------------------
 
 
-def load_report(path: str) -> dict[str, Any] | None:
+def load_report(path: str) -> tuple[dict[str, Any] | None, str]:
+    """A report and "", or None and why it cannot be used. Reports come from hosts (or
+    whoever can write to the drop): every field the fleet view reads is checked."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except OSError as e:
+        return None, f"cannot read it: {e.strerror}"
+    except ValueError as e:
+        return None, f"not JSON: {e}"
+    if not isinstance(data, dict):
+        return None, "not a JSON object"
+    return (None, why) if (why := _report_problem(data)) else (data, "")
+
+
+def _report_problem(rep: dict[str, Any]) -> str:
+    from .config import host_name_problem
+
+    host = rep.get("host")
+    if not isinstance(host, str) or host_name_problem(host):
+        return f"host {host!r} is not a host name"
+    for key, types in (("state", str), ("applied_commit", (str, type(None))),
+                       ("signer", (str, type(None))), ("rejected", (str, type(None))),
+                       ("last_cycle", (dict, type(None))),
+                       ("offline_since", (int, float, type(None)))):
+        if key in rep and not isinstance(rep[key], types):
+            return f"{key} has the wrong type ({type(rep[key]).__name__})"
+    at = rep.get("reported_at")
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        return f"reported_at {at!r} is not a time in seconds"
+    lc = rep.get("last_cycle") or {}
+    if isinstance(lc.get("failed", 0), bool) or not isinstance(lc.get("failed", 0), int):
+        return "last_cycle.failed is not a number"
+    if not isinstance(lc.get("errors", []), list):
+        return "last_cycle.errors is not a list"
+    return ""
 
 
 def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
@@ -262,13 +295,14 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
         from .errors import UsageError
 
         raise UsageError(f"fleet status: cannot read {reports_dir}: {e.strerror}") from None
+    skipped = []
     for name in names:
-        rep = load_report(os.path.join(reports_dir, name))
+        rep, why = load_report(os.path.join(reports_dir, name))
         if rep is None:
-            rows.append({"host": name[:-5], "state": "unreadable", "stale": True,
-                         "commit": None, "age": None, "offline": False, "failed": 0})
+            # one bad report must not take the fleet view down: skip it, say which
+            skipped.append(f"skipped {os.path.join(reports_dir, name)}: {why}")
             continue
-        age = now - float(rep.get("reported_at") or 0)
+        age = now - float(rep["reported_at"])
         lc = rep.get("last_cycle") or {}
         row = {"host": rep.get("host", name[:-5]), "state": rep.get("state"),
                "commit": rep.get("applied_commit"), "signer": rep.get("signer"),
@@ -289,11 +323,11 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
         s["hosts"] += 1
         if r["stale"]:
             s["stale"] += 1
-        elif r["state"] in ("failed", "rejected", "unreadable"):
+        elif r["state"] in ("failed", "rejected"):
             s["failed"] += 1
         elif r["state"] in ("converged", "offline"):
             s["converged"] += 1
-    return {"rows": rows, "rollout": summary, "tip": tip}
+    return {"rows": rows, "rollout": summary, "tip": tip, "skipped": skipped}
 
 
 def fleet_status_cli(args: Any) -> int:
@@ -306,8 +340,10 @@ def fleet_status_cli(args: Any) -> int:
 
         raise UsageError(f"fleet status: --stale: {e}") from None
     data = fleet_rows(args.reports, stale, args.repo, args.branch)
-    bad = any(r["stale"] or r["state"] in ("failed", "rejected", "unreadable")
-              for r in data["rows"])
+    bad = bool(data["skipped"]) or any(r["stale"] or r["state"] in ("failed", "rejected")
+                                       for r in data["rows"])
+    for why in data["skipped"]:
+        print(f"warning: fleet status: {why}", file=sys.stderr)
     if args.json:
         print(json.dumps(data, indent=1, sort_keys=True, default=str))
         return 1 if bad else 0

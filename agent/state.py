@@ -31,6 +31,36 @@ from .host import write_atomic
 
 VERSION = 1
 
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+_OPT_NUM = (int, float, type(None))
+_STATE_SHAPE = {"last_good": _OPT_STR, "last_good_time": _OPT_NUM,
+                "last_good_signer": _OPT_STR, "last_good_committer_time": _OPT_NUM,
+                "last_cycle": (dict, type(None))}
+_MANIFEST_SHAPE = {"commit": _OPT_STR, "render_key": _OPT_STR, "full_check_at": _NUM,
+                   "host": _OPT_STR}
+_ENTRY_SHAPE = {"kind": str, "name": str, "digest": str, "path": str, "backup": str,
+                "created": bool, "sig": (list, type(None))}
+
+
+def _shape(path: str, data: dict, shape: dict, way_out: str, prefix: str = "") -> None:
+    """Every known key has its type, and a commit id is 40 hex digits: a state file
+    with a wrong shape is as corrupt as one that is not JSON."""
+    for key, types in shape.items():
+        allowed = types if isinstance(types, tuple) else (types,)
+        if key in data and (not isinstance(data[key], allowed)
+                            or isinstance(data[key], bool) and bool not in allowed):
+            raise StateError(f"state: {path} is corrupt: {prefix}{key} is "
+                             f"{type(data[key]).__name__} {data[key]!r:.40}. {way_out}")
+    for key in ("last_good", "commit"):
+        v = data.get(key)
+        if isinstance(v, str) and (len(v) != 40 or any(c not in "0123456789abcdef" for c in v)):
+            raise StateError(f"state: {path} is corrupt: {prefix}{key} {v!r:.50} is not a "
+                             f"commit id. {way_out}")
+    if prefix and ("kind" not in data or "name" not in data):
+        raise StateError(f"state: {path} is corrupt: {prefix[:-1]} lacks kind or name. "
+                         f"{way_out}")
+
 
 class StateDir:
     def __init__(self, path: str) -> None:
@@ -56,7 +86,11 @@ class StateDir:
     def lock(self, wait: float = 0.0) -> None:
         """Hold the single-instance lock; wait up to `wait` seconds for another holder."""
         self.ensure()
-        fd = os.open(self.p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateError(f"state: cannot open {self.p('lock')}: {e.strerror} (state_dir "
+                             f"must be writable by the agent)") from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -73,8 +107,11 @@ class StateDir:
                         f"state: another gitops-agent cycle holds {self.p('lock')} (pid {holder}); "
                         f"wait for it, or use --wait SECONDS") from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only a hint for the "held by" message
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -105,7 +142,14 @@ class StateDir:
         self.ensure()
         text = (json.dumps(data, separators=(",", ":")) if compact
                 else json.dumps(data, indent=1, sort_keys=True))
-        write_atomic(self.p(name), text.encode() + b"\n", mode=0o600)
+        self._write(name, text.encode() + b"\n")
+
+    def _write(self, name: str, data: bytes) -> None:
+        try:
+            write_atomic(self.p(name), data, mode=0o600)
+        except OSError as e:  # ENOSPC, EROFS, EIO: the old file is still whole
+            raise StateError(f"state: cannot write {self.p(name)}: {e.strerror}; the previous "
+                             f"version is kept") from None
 
     def load_state(self) -> dict[str, Any]:
         data = self._read_json(
@@ -116,6 +160,8 @@ class StateDir:
         if data.get("version") != VERSION:
             raise StateError(f"state: {self.p('state.json')} has version {data.get('version')!r}, "
                              f"this agent reads version {VERSION}")
+        _shape(self.p("state.json"), data, _STATE_SHAPE,
+               "Fix it, or move it aside (mv state.json state.json.broken) to start over.")
         return data
 
     def save_state(self, data: dict[str, Any]) -> None:
@@ -127,9 +173,17 @@ class StateDir:
             "It lists what the agent manages, for pruning. Move it aside "
             "(mv manifest.json manifest.json.broken) to start over: resources that the repo "
             "no longer declares are then left in place, not pruned.")
+        way_out = ("Move it aside (mv manifest.json manifest.json.broken) to start over: "
+                   "resources the repo no longer declares are then left in place.")
         if not isinstance(data.get("resources"), dict):
-            raise StateError(f"state: {self.p('manifest.json')} has no resources mapping; "
-                             f"move it aside to start over")
+            raise StateError(f"state: {self.p('manifest.json')} has no resources mapping. "
+                             f"{way_out}")
+        _shape(self.p("manifest.json"), data, _MANIFEST_SHAPE, way_out)
+        for ident, entry in data["resources"].items():
+            if not isinstance(entry, dict):
+                raise StateError(f"state: {self.p('manifest.json')} is corrupt: resource "
+                                 f"{ident!r} is not an object. {way_out}")
+            _shape(self.p("manifest.json"), entry, _ENTRY_SHAPE, way_out, f"{ident}.")
         return data
 
     def save_manifest(self, data: dict[str, Any]) -> None:
@@ -149,15 +203,17 @@ class StateDir:
     def append_history(self, entry: dict[str, Any], keep: int = 1000) -> None:
         """Append one line; rewrite atomically (bounded to `keep` lines) so none is torn."""
         lines = self._history_lines()
-        lines.append(json.dumps(entry, sort_keys=True))
+        lines.append(json.dumps(entry, sort_keys=True).encode())
         lines = lines[-keep:]
         self.ensure()
-        write_atomic(self.p("history.jsonl"), ("\n".join(lines) + "\n").encode(), mode=0o600)
+        self._write("history.jsonl", b"\n".join(lines) + b"\n")
 
-    def _history_lines(self) -> list[str]:
+    def _history_lines(self) -> list[bytes]:
+        """Raw lines: a damaged line (bad UTF-8, not JSON) is carried along, never decoded
+        here, so appending works whatever is in the file."""
         try:
-            with open(self.p("history.jsonl")) as f:
-                return [line.rstrip("\n") for line in f if line.strip()]
+            with open(self.p("history.jsonl"), "rb") as f:
+                return [line.rstrip(b"\n") for line in f if line.strip()]
         except FileNotFoundError:
             return []
         except OSError as e:
@@ -168,10 +224,13 @@ class StateDir:
         out = []
         for n, line in enumerate(self._history_lines(), 1):
             try:
-                out.append(json.loads(line))
-            except ValueError:
-                raise StateError(f"state: {self.p('history.jsonl')}:{n} is not JSON; remove that "
-                                 f"line or move the file aside") from None
+                item = json.loads(line)
+                if not isinstance(item, dict):
+                    raise ValueError
+                out.append(item)
+            except ValueError:  # UnicodeDecodeError too
+                raise StateError(f"state: {self.p('history.jsonl')}:{n} is not a JSON object; "
+                                 f"remove that line or move the file aside") from None
         return out[-limit:] if limit else out
 
     # --- backups of files taken over ---------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -244,6 +245,13 @@ def test_fetch_failures_back_off_and_converge_last_good(denv):
             st = await ask(denv, "status")
             assert st["state"] == "offline" and "fleet.git" in st["offline_reason"]
             assert "managed by gitops-agent" in (denv["root"] / "etc/motd").read_text()
+            # a drift correction while offline: still offline, and counted once
+            before, corrections = d.cycles, d.drift_corrections
+            (denv["root"] / "etc/motd").write_text("drift again while offline\n")
+            await until(lambda: d.cycles > before and not d.running, timeout=10)
+            assert d.drift_corrections == corrections + 1
+            st = await ask(denv, "status")
+            assert st["state"] == "offline" and "fleet.git" in st["offline_reason"]
             shutil.move(str(denv["tmp"] / "gone.git"), str(denv["fleet"].bare))
             await ask(denv, "sync", wait=True)
             assert d.backoff == 0 and d.offline_since is None
@@ -277,5 +285,80 @@ def test_sigterm_stops_a_daemon_stuck_in_a_template_loop(denv):
             assert d.watchdog_ok()  # the render child is polled: progress
             d.progress_at -= 10_000  # a cycle that stopped asking for hours
             assert not d.watchdog_ok()
+
+    asyncio.run(main())
+
+
+HOLDER = r"""
+import resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_control_socket_survives_a_flood_of_idle_connections(denv, caplog):
+    """1,100 idle connections (from another process) must not starve the daemon: past
+    the cap they are answered "busy", cycles and SIGHUP still work, and once they are
+    gone the socket answers again. Bad arguments get an error reply, not a traceback."""
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1)
+            holder = subprocess.Popen([OTHER_PYTHON, "-c", HOLDER, denv["sock"], "1100"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                line = await asyncio.to_thread(holder.stdout.readline)
+                assert line.strip() == "1100"
+                with pytest.raises(Exception, match="busy"):
+                    await ask(denv, "status")
+                before = d.cycles
+                d.trigger("test")
+                await until(lambda: d.cycles > before, timeout=20)
+                os.kill(os.getpid(), signal.SIGHUP)
+                await asyncio.sleep(0.3)
+                assert not d.config_error
+            finally:
+                holder.stdin.close()
+                holder.wait(10)
+            await until(lambda: d.control.clients == 0, timeout=10)
+            assert (await ask(denv, "status"))["state"] == "converged"
+            with pytest.raises(Exception, match="history n must be a whole number"):
+                await ask(denv, "history", n="abc")
+            assert (await ask(denv, "status"))["host"] == "web-01"  # still serving
+
+    asyncio.run(main())
+    assert "Traceback" not in caplog.text
+
+
+def test_a_client_that_never_reads_is_dropped(denv, monkeypatch):
+    from agent import control
+
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 0.5)
+    monkeypatch.setattr(control, "WRITE_BUFFER", 1024)
+
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1)
+            s = socket.socket(socket.AF_UNIX)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(denv["sock"])
+            s.setblocking(False)
+            try:
+                for _ in range(2000):  # ask again and again, never read the answers
+                    try:
+                        s.send(b'{"verb": "status"}\n')
+                    except BlockingIOError:
+                        await asyncio.sleep(0.01)
+                    except OSError:
+                        break
+                await until(lambda: d.control.clients == 0, timeout=10)
+            finally:
+                s.close()
 
     asyncio.run(main())
