@@ -150,8 +150,12 @@ class Converger:
         services = [r for r in ordered if r.kind == "service"]
         installed: dict = {}
         refused = self.pkgs.refuse() if packages else None
+        candidates: dict = {}
         if packages and refused is None:
             installed = _try(lambda: self.pkgs.query([r.name for r in packages]), {})
+            latest = [r.name for r in packages if r.spec.get("state") == "latest"]
+            if latest:  # one more process, only when something asks for `latest`
+                candidates = _try(lambda: self.pkgs.candidates(latest), {})
         svc_state = _try(lambda: self.systemd.show([r.name for r in services]), {}) \
             if services else {}
         for res in ordered:
@@ -160,7 +164,7 @@ class Converger:
                 from .resources import packages as pk
 
                 change = (Change(res.identity, failed=True, msg=refused) if refused
-                          else pk.check(res, installed))
+                          else pk.check(res, installed, candidates))
             elif res.kind == "service":
                 change = _guard(res.identity, lambda r=res: self.systemd.check_service(
                     r, svc_state.get(r.name)))

@@ -223,3 +223,80 @@ def test_notify_restarts_or_reloads(reload, verb):
     change = sd.Systemd(host).notify("nginx.service", reload)  # type: ignore[arg-type]
     assert host.calls == [["systemctl", verb, "nginx.service"]]
     assert change.changed and change.action == verb
+
+
+# --- issue 16: latest, dpkg's own attribution ----------------------------------------------
+
+POLICY_NEWER = ("gitops-up:\n  Installed: 1.0\n  Candidate: 2.0\n  Version table:\n"
+                "     2.0 500\n        500 file:/srv/repo ./ Packages\n"
+                " *** 1.0 100\n        100 /var/lib/dpkg/status\n")
+
+
+@pytest.mark.parametrize("installed, candidates, expected", [
+    ({"gitops-up": pk.Installed("gitops-up", "1.0")}, {"gitops-up": "2.0"},
+     (True, "install", "upgrade 1.0 -> 2.0 (latest)")),
+    ({"gitops-up": pk.Installed("gitops-up", "2.0")}, {"gitops-up": "2.0"},
+     (False, "none", "installed 2.0")),  # the no-op row
+    ({"gitops-up": pk.Installed("gitops-up", "1.0", held=True)}, {"gitops-up": "2.0"},
+     (False, "none", "held (apt-mark hold) at 1.0: left as is")),
+    ({}, {"gitops-up": "2.0"}, (True, "install", "install")),
+])
+def test_latest_means_the_candidate(installed, candidates, expected):
+    c = pk.check(pkg("gitops-up", "latest"), installed, candidates)
+    assert (c.changed, c.action, c.msg) == expected
+
+
+def test_candidates_from_apt_cache_policy():
+    host = RecordingHost(answers={"apt-cache policy": (0, POLICY_NEWER)})
+    assert pk.Packages(host, pk.AptBackend()).candidates(["gitops-up"]) == {  # type: ignore
+        "gitops-up": "2.0"}
+
+
+APT_POSTINST_FAILURE = """Setting up gitops-fine (1.0) ...
+Setting up gitops-broken (1.0) ...
+dpkg: error processing package gitops-broken (--configure):
+ installed gitops-broken package post-installation script subprocess returned error exit status 1
+Errors were encountered while processing:
+ gitops-broken
+E: Sub-process /usr/bin/dpkg returned an error code (1)
+"""
+
+
+def test_dpkg_reasons_parser():
+    assert pk.AptBackend.dpkg_reasons(APT_POSTINST_FAILURE) == {
+        "gitops-broken": "dpkg --configure: installed gitops-broken package post-installation "
+                         "script subprocess returned error exit status 1"}
+
+
+class SequenceHost(RecordingHost):
+    """RecordingHost whose dpkg-query answers change from call to call (before and after
+    the install), as dpkg's database does."""
+
+    def __init__(self, queries: list[str], **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.queries = queries
+
+    def run(self, argv: list[str], **kw: object) -> Result:
+        if argv[0] == "dpkg-query":
+            self.calls.append(argv)
+            out = self.queries.pop(0)
+            return Result(argv, 0, out.encode(), b"")
+        return super().run(argv, **kw)
+
+
+def test_a_failing_postinst_is_blamed_alone_with_dpkgs_reason():
+    host = SequenceHost(
+        ["", "gitops-fine\t1.0\tii \ngitops-broken\t1.0\tiF \n"],
+        answers={"apt-cache policy": (0, "gitops-fine:\n  Candidate: 1.0\n"
+                                         "gitops-broken:\n  Candidate: 1.0\n"),
+                 "apt-get install": (100, APT_POSTINST_FAILURE)})
+    p = pk.Packages(host, pk.AptBackend())  # type: ignore[arg-type]
+    res = [pkg("gitops-fine", "present"), pkg("gitops-broken", "present")]
+    installed = p.query([r.name for r in res])
+    done = {c.id: c for c in p.apply([(r, pk.check(r, installed)) for r in res])}
+    assert not done["package[gitops-fine]"].failed and done["package[gitops-fine]"].changed
+    assert done["package[gitops-broken]"].failed
+    assert "post-installation script subprocess returned error exit status 1" in \
+        done["package[gitops-broken]"].msg
+    installs = [c for c in host.calls if c[:2] == ["apt-get", "install"]]
+    assert len(installs) == 1  # dpkg said who failed: no blind one-by-one retries

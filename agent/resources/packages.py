@@ -29,6 +29,7 @@ class Installed:
     name: str
     version: str
     held: bool = False
+    status: str = "i"  # dpkg's second status letter: i installed, F half-configured, ...
 
 
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none",
@@ -63,7 +64,27 @@ class AptBackend:
                 found[name] = Installed(name, version, held=abbrev[0] == "h")
             elif abbrev[:1] == "h":
                 found[name] = Installed(name, "", held=True)
+            elif len(abbrev) >= 2 and abbrev[1] in "UFHWt":
+                # unpacked, half-configured, half-installed, awaiting triggers: on disk but
+                # not "installed as declared"; an install run finishes (or retries) it
+                found[name] = Installed(name, "", status=abbrev[1])
         return found
+
+    @staticmethod
+    def dpkg_reasons(out: str) -> dict[str, str]:
+        """dpkg's own reason per package, from an apt-get run's output:
+
+            dpkg: error processing package gitops-broken (--configure):
+             installed gitops-broken package post-installation script subprocess returned
+             error exit status 1
+        """
+        reasons = {}
+        for m in re.finditer(r"^dpkg: error processing (?:package|archive) (\S+?)(?::\S+)? "
+                             r"\((--\w+)\):\n((?: .*\n?)+)", out, re.M):
+            name = os.path.basename(m.group(1)).split("_")[0]
+            detail = " ".join(line.strip() for line in m.group(3).splitlines())
+            reasons.setdefault(name, f"dpkg {m.group(2)}: {detail}")
+        return reasons
 
     def policy_argv(self, names: list[str]) -> list[str]:
         return ["apt-cache", "policy", *names]
@@ -140,6 +161,10 @@ class DnfBackend:
     def install_argv(self, specs: list[str]) -> list[str]:
         return ["dnf", "install", "-y", "-q", "--setopt=install_weak_deps=False", *specs]
 
+    @staticmethod
+    def dpkg_reasons(out: str) -> dict[str, str]:
+        return {}
+
     def remove_argv(self, names: list[str]) -> list[str]:
         return ["dnf", "remove", "-y", "-q", *names]
 
@@ -173,8 +198,14 @@ def version_matches(installed: str, wanted: str | None) -> bool:
     return wanted is None or fnmatch.fnmatchcase(installed, wanted)
 
 
-def check(res: Resource, installed: dict[str, Installed]) -> Change:
-    """What would change for one package, from the batched query."""
+def check(res: Resource, installed: dict[str, Installed],
+          candidates: dict[str, str] | None = None) -> Change:
+    """What would change for one package, from the batched query.
+
+    present: any installed version (or one matching `version:`, a glob) will do.
+    latest: the installed version must be the backend's candidate (what `apt-get install`
+    would pick now); an older one is upgraded. absent: removed if installed.
+    """
     change = Change(res.identity)
     state = res.spec.get("state", "present")
     wanted = res.spec.get("version")
@@ -182,6 +213,12 @@ def check(res: Resource, installed: dict[str, Installed]) -> Change:
     if have is not None and have.held:
         change.msg = f"held (apt-mark hold){' at ' + have.version if have.version else ''}: " \
                      f"left as is"
+        return change
+    candidate = (candidates or {}).get(res.name)
+    if (state == "latest" and have is not None and have.version and candidate
+            and candidate != have.version):
+        change.changed, change.action = True, "install"
+        change.msg = f"upgrade {have.version} -> {candidate} (latest)"
         return change
     if state == "absent":
         if have is None or not have.version:
@@ -220,6 +257,14 @@ class Packages:
         r = self.host.run(self.b.query_argv(names), env=APT_ENV)
         return self.b.parse_query(r.stdout.decode(errors="replace"))
 
+    def candidates(self, names: list[str]) -> dict[str, str]:
+        """The version an install would pick now, per package (for `latest`)."""
+        if not names:
+            return {}
+        r = self.host.run(self.b.policy_argv(names), env=APT_ENV)
+        return {k: v[0] for k, v in self.b.parse_policy(r.stdout.decode(errors="replace"))
+                .items() if v}
+
     def apply(self, items: list[tuple[Resource, Change]]) -> list[Change]:
         """Install all that need installing in one call, remove in one call."""
         results = {res.identity: ch for res, ch in items}
@@ -247,14 +292,37 @@ class Packages:
         r = self.host.run(argv([res for res, _ in items]), env=APT_ENV, timeout=1800)
         if r.ok:
             return
-        if len(items) == 1:
-            res, ch = items[0]
-            results[res.identity] = Change(res.identity, failed=True, action=ch.action,
-                                           msg=f"{self.b.name}: {_apt_error(r.error_text())}")
+        # apt's exit code speaks for the whole run (and for any package left half-
+        # configured before it): ask dpkg what each package really is now
+        output = (r.stdout + b"\n" + r.stderr).decode(errors="replace")
+        reasons = self.b.dpkg_reasons(output)
+        now = self.query([res.name for res, _ in items])
+        pending = []
+        for res, ch in items:
+            if _as_declared(res, ch, now.get(res.name)):
+                continue  # installed (or removed) as declared: not to blame
+            if res.name in reasons:
+                results[res.identity] = Change(res.identity, failed=True, action=ch.action,
+                                               msg=reasons[res.name])
+            else:
+                pending.append((res, ch))
+        if not pending:
+            return
+        if len(pending) == 1 or len(items) == 1:
+            for res, ch in pending:
+                results[res.identity] = Change(res.identity, failed=True, action=ch.action,
+                                               msg=f"{self.b.name}: {_apt_error(r.error_text())}")
             return
         # one bad package must not stop the others: retry one by one to attribute errors
-        for item in items:
+        for item in pending:
             self._run_batch([item], argv, results)
+
+
+def _as_declared(res: Resource, ch: Change, have: Installed | None) -> bool:
+    if ch.action == "remove":
+        return have is None or not have.version
+    return (have is not None and bool(have.version) and have.status == "i"
+            and version_matches(have.version, res.spec.get("version")))
 
 
 def _apt_error(text: str) -> str:
