@@ -96,6 +96,7 @@ class Mirror:
     def problem(self, commits: list[str]) -> str:
         """Read every object of these commits (commit, trees, blobs): "" when all are
         whole, else what is broken. Only run when something already failed."""
+        seen: set[pygit2.Oid] = set()  # each object once: shared subtrees are not re-walked
         try:
             for commit in commits:
                 self.repo.odb.read(pygit2.Oid(hex=commit))
@@ -103,9 +104,12 @@ class Mirror:
                 while stack:
                     tree = stack.pop()
                     for entry in tree:
+                        if entry.id in seen or entry.filemode == pygit2.GIT_FILEMODE_COMMIT:
+                            continue
+                        seen.add(entry.id)
                         if entry.filemode == pygit2.GIT_FILEMODE_TREE:
                             stack.append(self.repo[entry.id])
-                        elif entry.filemode != pygit2.GIT_FILEMODE_COMMIT:
+                        else:
                             self.repo.odb.read(entry.id)
         except (KeyError, ValueError, pygit2.GitError) as e:
             return f"objects cannot be read: {_clean(e)}"
