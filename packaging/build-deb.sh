@@ -61,17 +61,43 @@ if [ "$1" = configure ]; then
     python3 -m compileall -q /usr/lib/gitops-agent >/dev/null 2>&1 || true
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true
-        # restart a running agent on upgrade; a fresh install waits for the operator
-        systemctl try-restart gitops-agent.service || true
     fi
+    # `apt remove` then `apt install` must not leave the host unmanaged: prerm wrote down
+    # whether the administrator had the agent enabled (and running); put that back, as
+    # deb-systemd-helper does for packaged units. A fresh install waits for the operator.
+    mark=/var/lib/gitops-agent/.removed-while
+    if [ -f "$mark.enabled" ]; then
+        systemctl enable gitops-agent.service >/dev/null 2>&1 || true
+        rm -f "$mark.enabled"
+    fi
+    if [ -d /run/systemd/system ]; then
+        if [ -f "$mark.active" ]; then
+            systemctl start gitops-agent.service || true
+        else
+            # restart a running agent on upgrade
+            systemctl try-restart gitops-agent.service || true
+        fi
+    fi
+    rm -f "$mark.active"
 fi
 exit 0
 POSTINST
 cat > "$stage/DEBIAN/prerm" <<'PRERM'
 #!/bin/sh
 set -e
-if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-    systemctl disable --now gitops-agent.service || true
+if [ "$1" = remove ]; then
+    mark=/var/lib/gitops-agent/.removed-while
+    mkdir -p /var/lib/gitops-agent
+    if systemctl is-enabled --quiet gitops-agent.service 2>/dev/null; then
+        touch "$mark.enabled"
+    fi
+    if [ -d /run/systemd/system ] && systemctl is-active --quiet gitops-agent.service; then
+        touch "$mark.active"
+    fi
+    if [ -d /run/systemd/system ]; then
+        systemctl stop gitops-agent.service || true
+    fi
+    systemctl disable gitops-agent.service >/dev/null 2>&1 || true
 fi
 find /usr/lib/gitops-agent -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true
 exit 0
@@ -81,6 +107,13 @@ cat > "$stage/DEBIAN/postrm" <<'POSTRM'
 set -e
 if [ "$1" = purge ]; then
     rm -rf /var/lib/gitops-agent
+    # the files the README tells operators to put here go with the package; anything
+    # else stays, and dpkg says the directory is not empty
+    for f in allowed_signers allowed_signers.old trusted.gpg revoked_keys approvers \
+             known_hosts id_ed25519 id_ed25519.pub token age.key; do
+        rm -f "/etc/gitops-agent/$f"
+    done
+    rmdir /etc/gitops-agent 2>/dev/null || true
     getent group gitops-agent >/dev/null && delgroup --system --quiet gitops-agent || true
 fi
 if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi

@@ -32,24 +32,27 @@ WantedBy=multi-user.target
 APP_UNIT = "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n"
 
 
-def build_deb(out: Path, name: str, files: dict[str, tuple[str, int]]) -> None:
-    stage = out / f"stage-{name}"
+def build_deb(out: Path, name: str, files: dict[str, tuple[str, int]], version: str = "1.0",
+              postinst: str | None = None) -> None:
+    stage = out / f"stage-{name}-{version}"
     (stage / "DEBIAN").mkdir(parents=True)
     (stage / "DEBIAN/control").write_text(
-        f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@t>\n"
+        f"Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: t <t@t>\n"
         f"Description: tiny test package {name}\n")
+    if postinst is not None:
+        (stage / "DEBIAN/postinst").write_text(postinst)
+        (stage / "DEBIAN/postinst").chmod(0o755)
     for path, (text, mode) in files.items():
         p = stage / path.lstrip("/")
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
         p.chmod(mode)
     subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(stage),
-                    str(out / f"{name}_1.0_all.deb")], check=True, capture_output=True)
+                    str(out / f"{name}_{version}_all.deb")], check=True, capture_output=True)
     shutil.rmtree(stage)
 
 
-@pytest.fixture
-def bed(tmp_path: Path, deb):  # noqa: F811
+def _bed(tmp_path: Path, deb: Path, extra: bool = False):  # noqa: F811
     tb = Testbed(tmp_path)
     repo = tb.root / "srv/repo"
     repo.mkdir(parents=True)
@@ -57,13 +60,38 @@ def bed(tmp_path: Path, deb):  # noqa: F811
                                            "/lib/systemd/system/demo-daemon.service":
                                                (DAEMON_UNIT, 0o644)})
     build_deb(repo, "gitops-extra", {"/usr/share/gitops-extra/README": ("extra\n", 0o644)})
-    packages = subprocess.run(["dpkg-scanpackages", ".", "/dev/null"], cwd=repo,
+    if extra:  # issue 16: versions, holds, a failing postinst, a package that adds a user
+        for name in ("gitops-up", "gitops-held"):
+            for version in ("1.0", "2.0"):
+                build_deb(repo, name, {f"/usr/share/{name}/VERSION": (version + "\n", 0o644)},
+                          version)
+        build_deb(repo, "gitops-fine", {"/usr/share/gitops-fine/README": ("fine\n", 0o644)})
+        build_deb(repo, "gitops-broken", {"/usr/share/gitops-broken/README": ("b\n", 0o644)},
+                  postinst="#!/bin/sh\necho 'postinst: refusing on purpose' >&2\nexit 1\n")
+        build_deb(repo, "gitops-svcuser", {"/usr/share/gitops-svcuser/README": ("u\n", 0o644)},
+                  postinst="#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n"
+                           "  getent passwd svcuser >/dev/null || adduser --system --group "
+                           "--no-create-home --quiet svcuser\nfi\n")
+    packages = subprocess.run(["dpkg-scanpackages", "-m", ".", "/dev/null"], cwd=repo,
                               capture_output=True, check=True).stdout
     (repo / "Packages").write_bytes(packages)
     (tb.root / "etc/apt/sources.list").write_text("deb [trusted=yes] file:/srv/repo ./\n")
     shutil.copy(deb, tb.root / "root/agent.deb")
     tb.boot()
     tb.run("dpkg", "-i", "/root/agent.deb")
+    return tb
+
+
+@pytest.fixture
+def bed(tmp_path: Path, deb):  # noqa: F811
+    tb = _bed(tmp_path, deb)
+    yield tb
+    tb.stop()
+
+
+@pytest.fixture
+def bed16(tmp_path: Path, deb):  # noqa: F811
+    tb = _bed(tmp_path, deb, extra=True)
     yield tb
     tb.stop()
 
@@ -148,5 +176,74 @@ def test_packages_units_services(tmp_path, bed):
         assert bed.run("dpkg-query", "-W", "-f=${Status}", "gitops-extra",
                        check=False).stdout.find("install ok installed") < 0
         assert log.read_text().count("started") == 2  # nothing notified it this time
+    finally:
+        daemon.stop()
+
+
+def test_latest_failing_postinst_and_a_user_made_by_a_package(tmp_path, bed16):
+    """Issue 16 with root /: latest upgrades 1.0 to 2.0 and leaves a held package alone;
+    a failing postinst fails that package alone with dpkg's reason while the rest of the
+    batch is installed; a package that creates a user and a file owned by that user
+    converge in one cycle."""
+    bed = bed16
+    (tmp_path / "git").mkdir()
+    fleet = Fleet(tmp_path / "git", files={
+        "fleet.yaml": "groups:\n  - roles: [app]\n",
+        "roles/app.yaml": role('gitops-up: {version: "1.0"}, gitops-held: {version: "1.0"}',
+                               "", "", "")})
+    daemon = GitDaemon(tmp_path / "git")
+    daemon.start()
+    try:
+        cfg = agent_yaml(daemon.url("fleet.git")).replace(
+            "trust: {allowed_signers: /etc/gitops-agent/allowed_signers, unsigned: refuse}",
+            "trust: {unsigned: allow}")
+        (bed.root / "etc/gitops-agent/agent.yaml").write_text(cfg)
+
+        def apply() -> dict:
+            out = bed.run("gitops-agent", "apply", "--json", check=False, timeout=300)
+            return json.loads(out.stdout)
+
+        def version(name: str) -> str:
+            return bed.run("dpkg-query", "-W", "-f=${Version}", name,
+                           check=False).stdout.strip()
+
+        res = apply()
+        assert res["state"] == "converged", [c["msg"] for c in res["changes"]]
+        assert version("gitops-up") == "1.0" and version("gitops-held") == "1.0"
+        bed.run("apt-mark", "hold", "gitops-held")
+
+        fleet.commit("latest", push=True, files={"roles/app.yaml": role(
+            "gitops-up: latest, gitops-held: latest", "", "", "")})
+        res = apply()
+        assert res["state"] == "converged", res
+        msgs = {c["id"]: c["msg"] for c in res["changes"]}
+        assert version("gitops-up") == "2.0"
+        assert msgs["package[gitops-up]"] == "upgrade 1.0 -> 2.0 (latest)"
+        assert version("gitops-held") == "1.0" and msgs["package[gitops-held]"].startswith(
+            "held")
+        assert apply()["changed"] == 0  # latest is now a no-op
+
+        fleet.commit("a batch with a broken postinst", push=True, files={
+            "roles/app.yaml": role("gitops-up: latest, gitops-fine: present, "
+                                   "gitops-broken: present", "", "", "")})
+        res = apply()
+        assert res["state"] == "failed"
+        by_id = {c["id"]: c for c in res["changes"]}
+        assert [i for i, c in by_id.items() if c["failed"]] == ["package[gitops-broken]"]
+        assert "post-installation script subprocess returned error exit status 1" in \
+            by_id["package[gitops-broken]"]["msg"]
+        assert by_id["package[gitops-fine]"]["changed"]
+        assert "ii" in bed.run("dpkg-query", "-W", "-f=${db:Status-Abbrev}",
+                               "gitops-fine").stdout
+
+        fleet.commit("a user from a package owns a file", push=True, files={
+            "roles/app.yaml": role("gitops-svcuser: present",
+                                   '/etc/svc.conf: {content: "x\\n", owner: svcuser, '
+                                   'group: svcuser, mode: "0640"}', "", "")})
+        res = apply()
+        assert res["state"] == "converged", res
+        st = (bed.root / "etc/svc.conf").stat()
+        uid = bed.run("id", "-u", "svcuser").stdout.strip()
+        assert str(st.st_uid) == uid
     finally:
         daemon.stop()

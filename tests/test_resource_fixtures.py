@@ -262,8 +262,9 @@ E: Sub-process /usr/bin/dpkg returned an error code (1)
 """
 
 
-def test_dpkg_reasons_parser():
-    assert pk.AptBackend.dpkg_reasons(APT_POSTINST_FAILURE) == {
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])  # apt relays dpkg's lines with CRLF
+def test_dpkg_reasons_parser(newline):
+    assert pk.AptBackend.dpkg_reasons(APT_POSTINST_FAILURE.replace("\n", newline)) == {
         "gitops-broken": "dpkg --configure: installed gitops-broken package post-installation "
                          "script subprocess returned error exit status 1"}
 

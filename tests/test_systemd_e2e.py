@@ -98,10 +98,36 @@ def test_agent_under_systemd(tmp_path, deb, bed):
             assert int(ready[0]["__MONOTONIC_TIMESTAMP"]) <= \
                 int(started[0]["__MONOTONIC_TIMESTAMP"])
 
+        # reload works on a minimal Debian (no /bin/kill there) and re-reads agent.yaml
+        assert not (bed.root / "bin/kill").exists() and not (bed.root / "usr/bin/kill").exists()
+        pid = bed.run("systemctl", "show", "-p", "MainPID", "--value",
+                      "gitops-agent.service").stdout.strip()
+        bed.run("systemctl", "reload", "gitops-agent.service", timeout=60)
+        assert bed.run("systemctl", "show", "-p", "MainPID", "--value",
+                       "gitops-agent.service").stdout.strip() == pid
+        journal = bed.run("journalctl", "-u", "gitops-agent.service", "--no-pager").stdout
+        assert "daemon: reloaded" in journal
+
         bed.run("systemctl", "stop", "gitops-agent.service", timeout=120)
         show = bed.run("systemctl", "show", "gitops-agent.service", "-p", "Result", "-p",
                        "ExecMainStatus", "-p", "ActiveState").stdout
         assert "Result=success" in show and "ExecMainStatus=0" in show
         assert "ActiveState=inactive" in show
+
+        # apt remove + apt install keeps the administrator's choice: enabled and running
+        bed.run("systemctl", "enable", "--now", "gitops-agent.service", timeout=120)
+        bed.run("dpkg", "-r", "gitops-agent", timeout=120)
+        assert bed.run("systemctl", "is-active", "gitops-agent.service",
+                       check=False).stdout.strip() != "active"
+        bed.run("dpkg", "-i", "/tmp/agent.deb", timeout=120)
+        assert bed.run("systemctl", "is-enabled", "gitops-agent.service",
+                       check=False).stdout.strip() == "enabled"
+        assert bed.run("systemctl", "is-active", "gitops-agent.service",
+                       check=False).stdout.strip() == "active"
+        # purge removes what the package and the README put in /etc/gitops-agent
+        p = bed.run("dpkg", "--purge", "gitops-agent", timeout=120)
+        assert "not empty" not in p.stdout + p.stderr
+        assert not (bed.root / "etc/gitops-agent").exists()
+        assert not (bed.root / "var/lib/gitops-agent").exists()
     finally:
         daemon.stop()

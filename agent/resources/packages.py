@@ -79,6 +79,7 @@ class AptBackend:
              error exit status 1
         """
         reasons = {}
+        out = out.replace("\r\n", "\n").replace("\r", "\n")  # apt relays dpkg with CRLF
         for m in re.finditer(r"^dpkg: error processing (?:package|archive) (\S+?)(?::\S+)? "
                              r"\((--\w+)\):\n((?: .*\n?)+)", out, re.M):
             name = os.path.basename(m.group(1)).split("_")[0]
