@@ -94,14 +94,17 @@ def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
 
     state = StateDir(cfg.state_dir)
     state.lock(wait=lock_wait)
+    hosts: list[Any] = []
     try:
-        return _run(cfg, state, dry_run, fetch, should_stop)
+        return _run(cfg, state, dry_run, fetch, should_stop, hosts)
     finally:
+        for h in hosts:
+            h.close()  # the directory fds held for the cycle
         state.unlock()
 
 
 def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
-         should_stop: Callable[[], bool]) -> tuple[CycleResult, Any]:
+         should_stop: Callable[[], bool], hosts: list[Any]) -> tuple[CycleResult, Any]:
     from .source import LAST_GOOD_REF, Mirror
 
     result = CycleResult(started=time.time())
@@ -178,6 +181,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
     from .host import Host
 
     host = Host(cfg.root)
+    hosts.append(host)
     try:
         host.check_root()
     except AgentError as e:

@@ -61,6 +61,13 @@ def splay(host: str, interval: float) -> float:
     return (h % 10_000) / 10_000 * interval
 
 
+def drift_fixes(result: CycleResult) -> list:
+    """The changes of a drift cycle that count as corrections: one per drifted resource,
+    not the restart or reload it notified, nor a daemon-reload after a unit file."""
+    return [c for c in result.changes if c.changed and not c.failed
+            and c.action not in ("restart", "reload") and not c.id.startswith("systemd[")]
+
+
 class Daemon:
     def __init__(self, config_path: str, cfg: Config | None = None) -> None:
         self.config_path = config_path
@@ -219,11 +226,7 @@ class Daemon:
                 result.state = "offline"
         self.last = result
         if "drift" in reasons:
-            # one correction per drifted resource: not the restart it notified, nor the
-            # daemon-reload after a unit file
-            fixed = [c for c in result.changes if c.changed and not c.failed
-                     and c.action not in ("restart", "reload")
-                     and not c.id.startswith("systemd[")]
+            fixed = drift_fixes(result)
             self.drift_corrections += len(fixed)
             for c in fixed:
                 log.warning("drift: %s corrected: %s", c.id, c.msg,

@@ -67,6 +67,10 @@ class EscapeError(ApplyError):
     """A target would land outside the root prefix: the whole cycle is refused."""
 
 
+class Exhausted(AgentError):
+    """A bounded child (render, fetch) ran out of time or memory, or was stopped."""
+
+
 def where(path: str, line: int | None) -> str:
     """`roles/web.yaml:4`, or the bare path when the line is unknown."""
     return f"{path}:{line}" if line else path

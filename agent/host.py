@@ -44,10 +44,58 @@ def parse_id(value: str) -> int | None:
 
 
 class Host:
+    MAX_FDS = 256  # directory fds kept open between operations of one cycle
+
     def __init__(self, root: str = "/") -> None:
         self.root = os.path.realpath(root)
         self._ids: dict[str, dict[str, int]] = {}
         self.spawned = 0  # processes run through this host (reported per cycle)
+        # Directories already walked to (without following a symlink), by path under
+        # root. An fd keeps naming the directory it was opened on, so a later swap of
+        # the path for a symlink cannot redirect a write made through it.
+        self._fds: dict[tuple[str, ...], int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _forget(self, parts: tuple[str, ...]) -> None:
+        """A directory was removed: drop its fd and those below it."""
+        for key in [k for k in self._fds if k[:len(parts)] == parts]:
+            os.close(self._fds.pop(key))
+
+    def _dirfd(self, parts: tuple[str, ...], create: bool) -> int | None:
+        fd = self._fds.get(parts)
+        if fd is not None:
+            return fd
+        if not parts:
+            try:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise ApplyError(f"root {self.root} is not usable: {e.strerror}") from None
+            self._fds[parts] = fd
+            return fd
+        parent = self._dirfd(parts[:-1], create)
+        if parent is None:
+            return None
+        name = parts[-1]
+        walked = "/" + "/".join(parts)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                return None
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent)
+            except FileExistsError:
+                pass
+            os.fsync(parent)
+            fd = self._open_dir(name, parent, walked)
+        except OSError as e:
+            fd = self._refuse(name, parent, walked, e)
+        self._fds[parts] = fd
+        return fd
 
     # --- paths -----------------------------------------------------------------------
 
@@ -78,33 +126,10 @@ class Host:
         and the last component. Yields None when a parent is missing (and not `create`).
         Missing parents are made 0755 root:root with mkdirat when `create`."""
         parts = self.parts(target)
-        try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ApplyError(f"root {self.root} is not usable: {e.strerror}") from None
-        try:
-            walked = ""
-            for name in parts[:-1]:
-                walked += "/" + name
-                try:
-                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        yield None
-                        return
-                    try:
-                        os.mkdir(name, 0o755, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                    os.fsync(fd)
-                    nfd = self._open_dir(name, fd, walked)
-                except OSError as e:
-                    nfd = self._refuse(name, fd, walked, e)
-                os.close(fd)
-                fd = nfd
-            yield fd, parts[-1]
-        finally:
-            os.close(fd)
+        if len(self._fds) >= self.MAX_FDS:
+            self.close()  # between operations: no fd of the cache is in use now
+        fd = self._dirfd(tuple(parts[:-1]), create)
+        yield None if fd is None else (fd, parts[-1])
 
     def _open_dir(self, name: str, dirfd: int, walked: str) -> int:
         try:
@@ -275,6 +300,7 @@ class Host:
                 return
             st = os.stat(p[1], dir_fd=p[0], follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
+                self._forget(tuple(self.parts(target)))
                 os.rmdir(p[1], dir_fd=p[0])
             else:
                 os.unlink(p[1], dir_fd=p[0])

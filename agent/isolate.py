@@ -18,11 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import AgentError
-
-
-class Exhausted(AgentError):
-    """The child ran out of time or memory, or was stopped."""
+from .errors import AgentError, Exhausted
 
 
 def _vsize() -> int:

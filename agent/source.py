@@ -21,7 +21,7 @@ from typing import Any
 import pygit2
 
 from .config import LimitsConfig, SourceConfig
-from .errors import SourceError, TreeError, UsageError
+from .errors import Exhausted, SourceError, TreeError, UsageError
 
 log = logging.getLogger("agent.source")
 
@@ -121,8 +121,6 @@ class Mirror:
         """Try the URL, then each mirror; the first that yields the branch wins. All of
         it within source.fetch_deadline: source.timeout bounds one read, and a server
         that drips one byte at a time would otherwise hold the cycle for ever."""
-        from . import isolate
-
         pygit2.settings.server_connect_timeout = int(self.source.timeout * 1000)
         pygit2.settings.server_timeout = int(self.source.timeout * 1000)
         errors = []
@@ -134,11 +132,15 @@ class Mirror:
                               f"({self.source.fetch_deadline:g}s) reached")
                 break
             try:
+                if _local(url):  # a local path cannot drip: no child needed
+                    return FetchResult(self._fetch_one(url), url, errors)
                 # in a child, so that the deadline can stop libgit2 mid-transfer
+                from . import isolate
+
                 tip = isolate.run(lambda _p, u=url: self._fetch_one(u), timeout=left,
                                   memory=None, should_stop=should_stop or (lambda: False))
                 return FetchResult(tip, url, errors)
-            except isolate.Exhausted as e:
+            except Exhausted as e:
                 self._clear_locks()
                 err = SourceError(f"fetch from {redact(url)} stopped: it {e} "
                                   f"(source.fetch_deadline)")
@@ -245,6 +247,10 @@ def _fetch_head_tip(gitdir: str, branch: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+def _local(url: str) -> bool:
+    return url.startswith(("/", "file://")) or "://" not in url and ":" not in url
 
 
 def _bad_head(gitdir: str) -> str:

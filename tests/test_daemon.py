@@ -362,3 +362,18 @@ def test_a_client_that_never_reads_is_dropped(denv, monkeypatch):
                 s.close()
 
     asyncio.run(main())
+
+
+def test_one_hand_edit_is_one_drift_correction():
+    """A drifted file that notifies a service: the file is the correction, the restart
+    it causes (and a daemon-reload) are not counted again."""
+    from agent.cycle import CycleResult
+    from agent.daemon import drift_fixes
+    from agent.resources import Change
+
+    r = CycleResult(started=0.0)
+    r.changes = [Change("file[/etc/app.conf]", changed=True, action="update"),
+                 Change("service[app.service]", changed=True, action="restart"),
+                 Change("systemd[daemon-reload]", changed=True),
+                 Change("file[/etc/motd]", msg="as declared")]
+    assert [c.id for c in drift_fixes(r)] == ["file[/etc/app.conf]"]
