@@ -535,9 +535,15 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
            cache_dir: str | None = None, should_stop: Any = None) -> DesiredState:
     """Render in a forked child bounded by limits.render_timeout and render_memory: a
     template that loops or grows for ever is a one-line RenderError, not a hung agent."""
+    import jinja2.sandbox  # noqa: F401 - imported once here, not in every forked child
+
     from . import isolate
 
     limits = tree.limits
+    try:
+        tree.check()  # the tree index, bounded by the limits: built once, shared by fork
+    except TreeError as e:
+        raise RenderError(f"render: {e}") from None
 
     def work(progress: Any) -> DesiredState:
         return Renderer(tree, host, labels, facts, cache_dir, progress).render()
