@@ -186,6 +186,26 @@ class GitDaemon:
 
 
 @pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A plain repository with one unsigned commit, for trust verdicts."""
+    r = tmp_path / "repo"
+    git(tmp_path, "init", "-q", "-b", "main", str(r))
+    (r / "f").write_text("x\n")
+    git(r, "add", "-A")
+    git(r, "commit", "-q", "-m", "base")
+    return r
+
+
+@pytest.fixture
+def ed(tmp_path: Path) -> tuple[Path, Path]:
+    """An ed25519 signing key and an allowed_signers file that trusts it."""
+    key = ssh_key(tmp_path / "ed")
+    allowed = tmp_path / "allowed"
+    allowed.write_text(allowed_line("ops@example.com", key.with_suffix(".pub")))
+    return key, allowed
+
+
+@pytest.fixture
 def signing_key(tmp_path: Path) -> Path:
     return ssh_key(tmp_path / "signing_key")
 

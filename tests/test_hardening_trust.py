@@ -18,25 +18,6 @@ from trustkit import git_good, gpg, gpg_key, raw_commit, ssh_sign, strip_sig, wi
 from agent.errors import TrustError
 from agent.trust import check_trust_path
 
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    r = tmp_path / "repo"
-    git(tmp_path, "init", "-q", "-b", "main", str(r))
-    (r / "f").write_text("x\n")
-    git(r, "add", "-A")
-    git(r, "commit", "-q", "-m", "base")
-    return r
-
-
-@pytest.fixture
-def ed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ssh_key(tmp_path / "ed")
-    allowed = tmp_path / "allowed"
-    allowed.write_text(allowed_line("ops@example.com", key.with_suffix(".pub")))
-    return key, allowed
-
-
 # --- 5: never looser than git -----------------------------------------------------------
 
 

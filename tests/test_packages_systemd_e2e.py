@@ -96,6 +96,14 @@ def bed16(tmp_path: Path, deb):  # noqa: F811
     tb.stop()
 
 
+def unsigned_config(bed: Testbed, url: str) -> None:
+    """agent.yaml for these tests: commits unsigned on purpose (trust has its own tests)."""
+    cfg = agent_yaml(url).replace(
+        "trust: {allowed_signers: /etc/gitops-agent/allowed_signers, unsigned: refuse}",
+        "trust: {unsigned: allow}")
+    (bed.root / "etc/gitops-agent/agent.yaml").write_text(cfg)
+
+
 def role(packages: str, files: str, units: str, services: str) -> str:
     return f"packages: {{{packages}}}\nfiles: {{{files}}}\nunits: {{{units}}}\n" \
            f"services: {{{services}}}\n"
@@ -114,10 +122,7 @@ def test_packages_units_services(tmp_path, bed):
     daemon = GitDaemon(tmp_path / "git")
     daemon.start()
     try:
-        cfg = agent_yaml(daemon.url("fleet.git")).replace(
-            "trust: {allowed_signers: /etc/gitops-agent/allowed_signers, unsigned: refuse}",
-            "trust: {unsigned: allow}")
-        (bed.root / "etc/gitops-agent/agent.yaml").write_text(cfg)
+        unsigned_config(bed, daemon.url("fleet.git"))
         bed.run("systemctl", "start", "gitops-agent.service", timeout=120)
 
         def sync() -> dict:
@@ -194,10 +199,7 @@ def test_latest_failing_postinst_and_a_user_made_by_a_package(tmp_path, bed16):
     daemon = GitDaemon(tmp_path / "git")
     daemon.start()
     try:
-        cfg = agent_yaml(daemon.url("fleet.git")).replace(
-            "trust: {allowed_signers: /etc/gitops-agent/allowed_signers, unsigned: refuse}",
-            "trust: {unsigned: allow}")
-        (bed.root / "etc/gitops-agent/agent.yaml").write_text(cfg)
+        unsigned_config(bed, daemon.url("fleet.git"))
 
         def apply() -> dict:
             out = bed.run("gitops-agent", "apply", "--json", check=False, timeout=300)

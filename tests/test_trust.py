@@ -25,16 +25,6 @@ from trustkit import (
 from agent.trust import Verifier, split_commit
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    r = tmp_path / "repo"
-    git(tmp_path, "init", "-q", "-b", "main", str(r))
-    (r / "f").write_text("x\n")
-    git(r, "add", "-A")
-    git(r, "commit", "-q", "-m", "base")
-    return r
-
-
 def signed_commit(repo: Path, key: Path, msg: str = "signed") -> str:
     git(repo, "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-q", "-S",
         "--allow-empty", "-m", msg)
@@ -76,14 +66,6 @@ def test_signer_and_key_are_reported(repo, tmp_path):
     fp = __import__("subprocess").run(["ssh-keygen", "-lf", str(key.with_suffix(".pub"))],
                                       capture_output=True, text=True).stdout.split()[1]
     assert (v.good, v.signer, v.key) == (True, "alice@example.com", fp)
-
-
-@pytest.fixture
-def ed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ssh_key(tmp_path / "ed")
-    allowed = tmp_path / "allowed"
-    allowed.write_text(allowed_line("ops@example.com", key.with_suffix(".pub")))
-    return key, allowed
 
 
 def test_wrong_namespace(repo, ed):
