@@ -1,10 +1,12 @@
 """plan() and converge(): desired state vs the host and the last applied manifest.
 
-Owns: the order of a cycle (packages → directories/files/symlinks → unit files →
-daemon-reload → services → notified restarts/reloads), pruning of what the previous
-revision managed and this one no longer declares, batching (one package query, one
-install, one removal, one `systemctl show`), and the new manifest.
-Must not: fetch, verify or render; it gets a DesiredState and a manifest.
+Owns: the order of a cycle (by each kind's stage; within a path kind's stage, parents
+before children), the stat-signature fast path of path kinds, pruning of what the
+previous revision managed and this one no longer declares (children before parents),
+batching (a batch kind gets all its planned steps at once), the hooks around the
+stages, and the new manifest.
+Must not: fetch, verify or render; it gets a DesiredState and a manifest. It names no
+kind: every kind is driven through the registry in resources/.
 
 A failed resource does not stop unrelated ones; the caller sees `failed` and keeps
 last good where it was.
@@ -20,33 +22,29 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AgentError, EscapeError
 from .host import Host
-from .resources import FILE_KINDS, Change
-from .resources import files as file_res
+from .model import Change
+from .resources import KINDS
+from .resources.base import Env, Kind
+from .resources.files import signature
 
 if TYPE_CHECKING:  # render is not imported on the no-drift fast path
-    from .render import DesiredState, Resource
+    from .model import DesiredState, Resource
     from .state import StateDir
 
 log = logging.getLogger("agent.converge")
 
-_STAGE = {"package": 0, "directory": 1, "file": 1, "symlink": 1, "unit": 2, "service": 3}
-PATH_KINDS = (*FILE_KINDS, "unit")  # kinds that are a path on the host
+_LAST = 99  # the stage of a manifest entry whose kind this agent does not know
 
 
 def order(resources: list[Resource]) -> list[Resource]:
-    """Stage order; within the file stage, parents before children (by path parts)."""
+    """Stage order; within a path kind's stage, parents before children (by path parts)."""
     def key(r: Resource) -> tuple:
-        stage = _STAGE.get(r.kind, 9)
-        return (stage, tuple(r.name.split("/")) if stage in (1, 2) else ())
+        kind = KINDS.get(r.kind)
+        if kind is None:
+            return (_LAST, ())
+        path = kind.path(r.name) if kind.by_path else None
+        return (kind.stage, tuple(path.split("/")) if path else ())
     return sorted(resources, key=key)
-
-
-def target_path(kind: str, name: str) -> str:
-    if kind == "unit":
-        from .resources.systemd import unit_path
-
-        return unit_path(name)
-    return name
 
 
 @dataclass
@@ -56,7 +54,7 @@ class Step:
     change: Change
     resource: Resource | None = None
     prune_entry: dict[str, Any] | None = None
-    stage: int = 1
+    stage: int = 0
 
 
 @dataclass
@@ -73,114 +71,50 @@ class Converger:
     def __init__(self, host: Host, state: StateDir, manifest: dict[str, Any],
                  full_check: bool = True, package_backend: str | None = None) -> None:
         self.host = host
-        self.state = state
         self.old = manifest.get("resources", {})
         self.full_check = full_check
-        self.package_backend = package_backend
-        self._pkgs: Any = None
-        self._systemd: Any = None
-
-    # --- helpers -----------------------------------------------------------------------
-
-    @property
-    def pkgs(self) -> Any:
-        if self._pkgs is None:
-            from .resources.packages import Packages, backend_for
-
-            self._pkgs = Packages(self.host, backend_for(self.host.root, self.package_backend))
-        return self._pkgs
-
-    @property
-    def systemd(self) -> Any:
-        if self._systemd is None:
-            from .resources.systemd import Systemd
-
-            self._systemd = Systemd(self.host)
-        return self._systemd
-
-    def _ctx(self, ident: str) -> file_res.Ctx:
-        return file_res.Ctx(self.host, self.state, self.old.get(ident, {}))
-
-    @staticmethod
-    def _as_file(res: Resource) -> Resource:
-        """A unit file is converged as a file at /etc/systemd/system/NAME."""
-        from .render import Resource as R
-
-        return R("file", target_path("unit", res.name), {"state": "present", "mode": "0644"},
-                 res.origin, res.content)
-
-    def _check_path(self, res: Resource) -> Change:
-        target = self._as_file(res) if res.kind == "unit" else res
-        old = self.old.get(res.identity)
-        if (not self.full_check and old and old.get("digest") == res.digest()
-                and old.get("sig") is not None
-                and file_res.signature(self.host.join(target.name)) == old["sig"]):
-            # same desired state as applied, and the path's stat signature is unchanged
-            return Change(res.identity, msg="unchanged since last apply (stat signature)",
-                          data={k: old[k] for k in ("backup", "created") if k in old})
-        change = file_res.check(target, self._ctx(res.identity))
-        change.id = res.identity
-        return change
-
-    def _apply_path(self, res: Resource) -> Change:
-        target = self._as_file(res) if res.kind == "unit" else res
-        change = file_res.apply(target, self._ctx(res.identity))
-        change.id = res.identity
-        return change
-
-    def _prune(self, ident: str, entry: dict[str, Any], dry: bool) -> Change:
-        kind = entry.get("kind", "")
-        path = entry.get("path", entry["name"])
-        done = ""
-        if kind == "unit" and not dry and self.host.lstat(path) is not None:
-            done = self.systemd.stop_and_disable(entry["name"]) + ", "
-        change = file_res.prune(ident, path, entry, self._ctx(ident), dry=dry)
-        if done and change.changed:
-            change.msg = done + change.msg
-        return change
+        self.env = Env(host, state, self.old, full_check, package_backend)
 
     # --- plan --------------------------------------------------------------------------
+
+    def _unchanged(self, res: Resource, kind: Kind) -> Change | None:
+        """The fast path of a path kind: same desired state as applied and the same
+        stat signature as recorded after the agent's own write."""
+        path = kind.path(res.name) if kind.by_path else None
+        old = self.old.get(res.identity)
+        if (path is None or self.full_check or not old or old.get("digest") != res.digest()
+                or old.get("sig") is None or signature(self.host.join(path)) != old["sig"]):
+            return None
+        return Change(res.identity, msg="unchanged since last apply (stat signature)",
+                      data={k: old[k] for k in ("backup", "created") if k in old})
 
     def plan(self, desired: DesiredState) -> Plan:
         """Read-only: what converge would change now, with diffs."""
         plan = Plan(desired.commit)
         declared = desired.by_id()
         ordered = order(desired.resources)
-        packages = [r for r in ordered if r.kind == "package"]
-        services = [r for r in ordered if r.kind == "service"]
-        installed: dict = {}
-        refused = self.pkgs.refuse() if packages else None
-        candidates: dict = {}
-        if packages and refused is None:
-            installed = _try(lambda: self.pkgs.query([r.name for r in packages]), {})
-            latest = [r.name for r in packages if r.spec.get("state") == "latest"]
-            if latest:  # one more process, only when something asks for `latest`
-                candidates = _try(lambda: self.pkgs.candidates(latest), {})
-        svc_state = _try(lambda: self.systemd.show([r.name for r in services]), {}) \
-            if services else {}
+        by_kind: dict[str, list[Resource]] = {}
         for res in ordered:
-            stage = _STAGE.get(res.kind, 9)
-            if res.kind == "package":
-                from .resources import packages as pk
-
-                change = (Change(res.identity, failed=True, msg=refused) if refused
-                          else pk.check(res, installed, candidates))
-            elif res.kind == "service":
-                change = _guard(res.identity, lambda r=res: self.systemd.check_service(
-                    r, svc_state.get(r.name)))
-            else:
-                change = _guard(res.identity, lambda r=res: self._check_path(r))
-            plan.steps.append(Step(change, res, stage=stage))
+            by_kind.setdefault(res.kind, []).append(res)
+        observed = {name: _try(lambda k=KINDS[name], rs=rs: k.query(rs, self.env), None)
+                    for name, rs in by_kind.items()}
+        for res in ordered:
+            kind = KINDS[res.kind]
+            change = self._unchanged(res, kind) or _guard(
+                res.identity, lambda k=kind, r=res: k.check(r, observed[r.kind], self.env))
+            plan.steps.append(Step(change, res, stage=kind.stage))
         gone = [(i, e) for i, e in self.old.items()
-                if i not in declared and e.get("kind") in PATH_KINDS]
+                if i not in declared and e.get("kind") in KINDS]
         # children before parents, so a directory dropped with its children is empty by
         # the time its own prune comes (sorting identities would put `dir[/a]` first)
         gone.sort(key=lambda ie: tuple(str(ie[1].get("path", ie[1].get("name", "")))
                                        .split("/")), reverse=True)
         for ident, entry in gone:
-            plan.steps.append(Step(
-                _guard(ident, lambda i=ident, e=entry: self._prune(i, e, dry=True)),
-                prune_entry=entry, stage=_STAGE[entry["kind"]]))
+            kind = KINDS[entry["kind"]]
+            change = _guard(ident, lambda k=kind, i=ident, e=entry: k.prune(
+                i, e, self.env, dry=True) or Change(i, data={"keep": True}))
+            if not change.data.get("keep"):  # None: the kind leaves it as it is
+                plan.steps.append(Step(change, prune_entry=entry, stage=kind.stage))
         plan.steps.sort(key=lambda s: s.stage)  # stable: declared before prunes in a stage
         return plan
 
@@ -191,64 +125,78 @@ class Converger:
         """Apply the planned steps in order; return the Changes and the new manifest."""
         results: list[Change] = []
         manifest: dict[str, Any] = {}
-        by_id: dict[str, Change] = {}
+        done: list[tuple[Resource, Change]] = []
+        batched: dict[str, Change] = {}
+        started: set[str] = set()
         self._clean_tmp(plan)
-        pkg_steps = [s for s in plan.steps if s.resource is not None
-                     and s.resource.kind == "package"]
-        if pkg_steps and not should_stop():
-            todo = [(s.resource, s.change) for s in pkg_steps
-                    if s.change.changed and not s.change.failed]
-            if todo:
-                for ch in _try(lambda: self.pkgs.apply(todo), [
-                        Change(r.identity, failed=True, msg="package operation crashed")
-                        for r, _ in todo]):
-                    by_id[ch.id] = ch
-        # a package may have created a user or group that a file names as its owner
-        self.host.forget_ids()
-        # a package may have shipped or removed unit files: systemd must re-read them
-        # before the service stage, as a Debian postinst would make it do
-        units_changed = any(c.changed and not c.failed for c in by_id.values())
-        reloaded = False
+        stage = None
         for step in plan.steps:
             ident = step.change.id
-            if step.stage >= 3 and units_changed and not reloaded:
-                reloaded = True
-                rc = self.systemd.daemon_reload()
-                if rc.failed or rc.changed:
-                    results.append(rc)
-                    _log(rc, plan.commit)
+            if step.stage != stage:
+                stage = step.stage
+                self.host.forget_ids()  # the stage before may have made users or groups
+            res = step.resource
+            kind = KINDS[res.kind if res is not None else (step.prune_entry or {})["kind"]]
+            if kind.name not in started:
+                started.add(kind.name)
+                for c in kind.before(self.env):
+                    results.append(c)
+                    _log(c, plan.commit)
             if should_stop():
                 results.append(Change(ident, failed=True, msg="not applied: shutting down"))
                 if ident in self.old:
                     manifest[ident] = self.old[ident]
                 continue
-            res = step.resource
             if res is None:
                 entry = step.prune_entry or {}
-                change = _guard(ident, lambda i=ident, e=entry: self._prune(i, e, dry=False))
+                change = _guard(ident, lambda k=kind, i=ident, e=entry: k.prune(
+                    i, e, self.env, dry=False) or Change(i, msg="no longer declared; left"))
                 if change.failed:
                     manifest[ident] = entry
-                if entry.get("kind") == "unit" and change.changed:
-                    units_changed = True
             else:
-                change = self._apply_step(step, by_id)
-                if res.kind == "unit" and change.changed and not change.failed:
-                    units_changed = True
-                self._record(res, change, manifest)
+                if kind.batch and ident not in batched:
+                    items = [(s.resource, s.change) for s in plan.steps
+                             if s.resource is not None and s.resource.kind == kind.name]
+                    fallback = [Change(r.identity, failed=True, msg=f"{kind.name} operation "
+                                       f"crashed") for r, _ in items]
+                    for c in _try(lambda k=kind, it=items: k.apply(it, self.env), fallback):
+                        batched[c.id] = c
+                if kind.batch:
+                    change = batched.get(ident, step.change)
+                elif step.change.failed or not step.change.changed:
+                    change = step.change
+                else:
+                    change = _guard(ident, lambda k=kind, r=res, c=step.change: k.apply_one(
+                        r, c, self.env))
+                self._record(kind, res, change, manifest)
+                done.append((res, change))
             results.append(change)
             _log(change, plan.commit)
-        if units_changed and not reloaded:
-            rc = self.systemd.daemon_reload()
-            results.append(rc)
-            _log(rc, plan.commit)
-        results.extend(self._handlers(plan, results, should_stop))
+        for kind in KINDS.values():
+            for c in kind.finish(self.env):
+                results.append(c)
+                _log(c, plan.commit)
+        for kind in KINDS.values():
+            for c in kind.handlers(done, self.env, should_stop):
+                results.append(c)
+                _log(c, plan.commit)
         # Signatures last: writing a file bumps its directory's mtime, so a directory's
         # signature taken before its files were written would never match again.
         for entry in manifest.values():
-            if entry.get("kind") in PATH_KINDS:
-                entry["sig"] = file_res.signature(
-                    self.host.join(entry.get("path", entry["name"])))
+            if "path" in entry:
+                entry["sig"] = signature(self.host.join(entry["path"]))
         return results, manifest
+
+    def _record(self, kind: Kind, res: Resource, change: Change,
+                manifest: dict[str, Any]) -> None:
+        ident = res.identity
+        if change.failed:
+            if ident in self.old:
+                manifest[ident] = self.old[ident]
+            return
+        entry = kind.record(res, change)
+        if entry is not None:
+            manifest[ident] = entry
 
     def _clean_tmp(self, plan: Plan) -> None:
         """Temp files of a killed agent (kill -9 between write and rename) in managed
@@ -256,73 +204,14 @@ class Converger:
         dirs = set()
         for step in plan.steps:
             res = step.resource
-            if res is not None and res.kind in PATH_KINDS:
-                dirs.add(os.path.dirname(target_path(res.kind, res.name)))
+            kind = KINDS.get(res.kind) if res is not None else None
+            path = kind.path(res.name) if kind is not None and res is not None else None
+            if path:
+                dirs.add(os.path.dirname(path))
         for d in sorted(dirs):
             for name in self.host.clean_stale_tmp(d):
                 log.info("converge: removed %s, left by an interrupted agent", name,
                          extra={"STAGE": "converge"})
-
-    def _apply_step(self, step: Step, by_id: dict[str, Change]) -> Change:
-        res = step.resource
-        assert res is not None
-        if step.change.failed or not step.change.changed:
-            return step.change
-        if res.kind == "package":
-            return by_id.get(res.identity, step.change)
-        if res.kind == "service":
-            return _guard(res.identity, lambda: self._service_now(res))
-        return _guard(res.identity, lambda: self._apply_path(res))
-
-    def _service_now(self, res: Resource) -> Change:
-        """Re-check right before acting: daemon-reload or a package may have changed it."""
-        planned = self.systemd.check_service(res, self.systemd.show([res.name]).get(res.name))
-        if planned.failed or not planned.changed:
-            return planned
-        return self.systemd.apply_service(res, planned)
-
-    def _record(self, res: Resource, change: Change, manifest: dict[str, Any]) -> None:
-        ident = res.identity
-        if res.spec.get("state") == "absent" or res.kind == "package":
-            return
-        if change.failed:
-            if ident in self.old:
-                manifest[ident] = self.old[ident]
-            return
-        entry: dict[str, Any] = {"kind": res.kind, "name": res.name, "digest": res.digest()}
-        if res.kind in PATH_KINDS:
-            entry["path"] = target_path(res.kind, res.name)
-            entry.update({k: v for k, v in change.data.items() if k in ("backup", "created")})
-        manifest[ident] = entry
-
-    def _handlers(self, plan: Plan, results: list[Change],
-                  should_stop: Callable[[], bool]) -> list[Change]:
-        """Restart (or reload) each notified service once, after everything else."""
-        changed = {c.id for c in results if c.changed and not c.failed}
-        started = {c.id for c in results if c.data.get("started")}
-        services = {s.resource.name: s.resource for s in plan.steps
-                    if s.resource is not None and s.resource.kind == "service"}
-        wanted: list[str] = []
-        for step in plan.steps:
-            res = step.resource
-            if res is None or res.identity not in changed:
-                continue
-            for name in res.notify:
-                if name not in wanted:
-                    wanted.append(name)
-        out = []
-        for name in wanted:
-            svc = services.get(name)
-            if f"service[{name}]" in started:
-                continue  # just started with the new configuration
-            if svc is not None and (svc.spec.get("active") is False or svc.spec.get("masked")):
-                continue
-            if should_stop():
-                break
-            change = self.systemd.notify(name, bool(svc and svc.spec.get("reload")))
-            out.append(change)
-            _log(change, plan.commit)
-        return out
 
 
 def _try(fn: Callable[[], Any], default: Any) -> Any:
@@ -356,13 +245,13 @@ def _log(change: Change, commit: str) -> None:
 
 
 def clean(manifest: dict[str, Any], host: Host) -> bool:
-    """The fast path: every managed path still has the stat signature recorded after
-    the last apply, so nothing drifted and a full check can be skipped. Packages and
-    services have no signature: a manifest with them always takes the full path."""
+    """The fast path: every managed resource is a path that still has the stat signature
+    recorded after the last apply, so nothing drifted and a full check can be skipped. A
+    resource without a signature (a service, a sysctl) always takes the full path."""
     for entry in manifest.get("resources", {}).values():
         sig = entry.get("sig")
-        if entry.get("kind") not in PATH_KINDS or sig is None:
+        if "path" not in entry or sig is None:
             return False
-        if file_res.signature(host.join(entry.get("path", entry["name"]))) != sig:
+        if signature(host.join(entry["path"])) != sig:
             return False
     return True

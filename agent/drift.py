@@ -51,9 +51,9 @@ class DriftWatcher:
             return
         managed = {}
         for ident, entry in manifest.get("resources", {}).items():
-            name = entry.get("path", entry.get("name"))
-            if not name or entry.get("kind") not in ("file", "directory", "symlink", "unit"):
-                continue
+            name = entry.get("path")
+            if not name:
+                continue  # not a path: nothing on disk to watch
             full = self.host.join(name)
             managed[full] = (ident, entry.get("sig"))
         self.managed = managed

@@ -330,6 +330,28 @@ class Host:
             return removed
         return removed
 
+    # --- the running kernel (only with root: /) -------------------------------------------
+
+    @staticmethod
+    def _proc(path: str) -> str:
+        if not path.startswith("/proc/sys/") or ".." in path.split("/"):
+            raise ApplyError(f"{path} is not a kernel parameter under /proc/sys")
+        return path
+
+    def read_proc(self, path: str) -> str:
+        fd = os.open(self._proc(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 1 << 16).decode(errors="replace")
+        finally:
+            os.close(fd)
+
+    def write_proc(self, path: str, value: str) -> None:
+        fd = os.open(self._proc(path), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode() + b"\n")
+        finally:
+            os.close(fd)
+
     def run(self, argv: list[str], *, timeout: float = 600, env: dict | None = None,
             input: bytes | None = None) -> Result:
         """Run argv (a list, never a shell string) and capture its output."""

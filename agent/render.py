@@ -13,99 +13,23 @@ Vars precedence, lowest first: role `vars` (in role order), fleet `vars`, group
 
 from __future__ import annotations
 
-import base64
 import fnmatch
-import hashlib
-import json
 import os
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RenderError, TreeError
 from .facts import Facts
-from .host import parse_id
-from .resources import FILE_KINDS
+from .model import DesiredState, Resource
+from .resources import KINDS, ROLE_KEYS
+from .resources.base import ParseCtx
 from .source import TreeReader
 from .yamlsrc import LineDict, YamlError, load
 
-_FILE_KEYS = {"content", "template", "source", "type", "target", "mode", "owner", "group",
-              "state", "notify"}
-_ROLE_KEYS = {"vars", "files", "packages", "units", "services"}
+# a role or host file: vars and one key per resource kind (files, packages, ...)
+_ROLE_KEYS = {"vars", *ROLE_KEYS}
 _HOST_KEYS = _ROLE_KEYS | {"roles"}
 _GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars"}
 _FLEET_KEYS = {"vars", "groups"}
-_UNIT_KEYS = {"content", "template", "source", "notify"}
-_SERVICE_KEYS = {"enabled", "active", "masked", "reload"}
-_PACKAGE_STATES = ("present", "absent", "latest")
-# systemd's unit name rules (unit_name_is_valid): a prefix of [A-Za-z0-9:_.\\-], an
-# optional @instance, a known type suffix, at most 255 characters; drop-ins live in
-# NAME.TYPE.d/ (or TYPE.d/ for every unit of a type) and must end in .conf
-UNIT_TYPES = ("service", "socket", "device", "mount", "automount", "swap", "target", "path",
-              "timer", "slice", "scope")
-_UNIT_CHARS = r"[A-Za-z0-9:_.\\-]"
-_UNIT_RE = (_UNIT_CHARS + r"+(?:@" + _UNIT_CHARS + r"*)?\.(?:" + "|".join(UNIT_TYPES) + ")")
-_UNIT_NAME = re.compile(r"^(?=.{1,255}$)" + _UNIT_RE + "$")
-_DROPIN = re.compile(r"^(?:(?=[^/]{1,255}/)" + _UNIT_RE + "|" + "|".join(UNIT_TYPES)
-                     + r")\.d/[A-Za-z0-9:_.@\\-]{1,250}\.conf$")
-
-
-@dataclass
-class Resource:
-    kind: str
-    name: str
-    spec: dict[str, Any]
-    origin: str
-    content: bytes | None = None
-    _digest: str | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def identity(self) -> str:
-        return f"{self.kind}[{self.name}]"
-
-    @property
-    def notify(self) -> tuple[str, ...]:
-        return tuple(self.spec.get("notify", ()))
-
-    def digest(self) -> str:
-        """Changes when anything about the desired state of this resource changes.
-        Computed once: a Resource is not changed after render builds it."""
-        if self._digest is None:
-            h = hashlib.sha256(json.dumps([self.kind, self.name, self.spec], sort_keys=True,
-                                          default=str).encode())
-            if self.content is not None:
-                h.update(b"\0")
-                h.update(self.content)
-            self._digest = h.hexdigest()
-        return self._digest
-
-    def to_json(self, with_content: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.identity, "kind": self.kind, "name": self.name,
-                               "origin": self.origin, "spec": self.spec}
-        if self.content is not None:
-            out["sha256"] = hashlib.sha256(self.content).hexdigest()
-            if with_content:
-                try:
-                    out["content"] = self.content.decode()
-                except UnicodeDecodeError:
-                    out["content_base64"] = base64.b64encode(self.content).decode()
-        return out
-
-
-@dataclass
-class DesiredState:
-    host: str
-    commit: str
-    roles: list[str]
-    vars: dict[str, Any]
-    resources: list[Resource] = field(default_factory=list)
-
-    def by_id(self) -> dict[str, Resource]:
-        return {r.identity: r for r in self.resources}
-
-    def to_json(self, with_content: bool = True) -> dict[str, Any]:
-        return {"host": self.host, "commit": self.commit, "roles": self.roles,
-                "vars": self.vars, "resources": [r.to_json(with_content) for r in self.resources]}
 
 
 class _TreeLoader:
@@ -249,7 +173,7 @@ class Renderer:
         sources = list(role_docs) + ([(host_file, host_doc)] if host_doc is not None else [])
         for path, doc in sources:
             for res in self._resources(path, doc, merged):
-                key = f"path[{res.name}]" if res.kind in FILE_KINDS else res.identity
+                key = KINDS[res.kind].conflict_key(res)
                 if key in declared:
                     other, other_where = declared[key]
                     if other.digest() != res.digest():
@@ -277,85 +201,15 @@ class Renderer:
     # --- resources ---------------------------------------------------------------------
 
     def _resources(self, path: str, doc: LineDict, variables: dict) -> list[Resource]:
+        """Each kind parses its own key of a role or host file (files, packages, ...)."""
         out: list[Resource] = []
-        files = self._typed(doc, "files", dict, path) or {}
-        for target, spec in files.items():
-            out.append(self._file(path, files, target, spec, variables))
-        packages = self._typed(doc, "packages", dict, path) or {}
-        for name, spec in packages.items():
-            out.append(self._package(packages, name, spec))
-        units = self._typed(doc, "units", dict, path) or {}
-        for name, spec in units.items():
-            out.append(self._unit(units, name, spec, variables))
-        services = self._typed(doc, "services", dict, path) or {}
-        for name, spec in services.items():
-            out.append(self._service(services, name, spec))
+        ctx = ParseCtx(path, self._keys,
+                       lambda spec, key, ident: self._content(spec, key, ident, variables))
+        for key, kind in ROLE_KEYS.items():
+            mapping = self._typed(doc, key, dict, path)
+            if mapping:
+                out.extend(kind.parse_key(mapping, ctx))
         return out
-
-    def _file(self, path: str, parent: LineDict, target: Any, spec: Any,
-              variables: dict) -> Resource:
-        where = parent.where(target)
-        if not isinstance(target, str) or not target.startswith("/"):
-            raise RenderError(f"render: file target {target!r} must be an absolute path ({where})")
-        if ".." in target.split("/") or "\0" in target:
-            raise RenderError(f"render: file target {target} contains '..' ({where})")
-        target = "/" + "/".join(p for p in target.split("/") if p and p != ".")
-        if not isinstance(spec, dict):
-            raise RenderError(f"render: file[{target}] must be a mapping of options ({where})")
-        self._keys(spec, _FILE_KEYS, f"file[{target}]")
-        state = spec.get("state", "present")
-        if state not in ("present", "absent"):
-            raise RenderError(f"render: file[{target}].state must be present or absent "
-                              f"({spec.where('state')})")
-        kind = spec.get("type", "file")
-        if kind not in FILE_KINDS:
-            raise RenderError(f"render: file[{target}].type must be file, directory or "
-                              f"symlink, got {kind!r} ({spec.where('type')})")
-        norm: dict[str, Any] = {"state": state}
-        for key in ("owner", "group"):
-            if key in spec:
-                v = spec[key]
-                if isinstance(v, bool) or not isinstance(v, str | int):
-                    raise RenderError(f"render: file[{target}].{key} must be a name or id "
-                                      f"({spec.where(key)})")
-                norm[key] = str(v)
-                try:
-                    parse_id(norm[key])
-                except ValueError as e:
-                    raise RenderError(f"render: file[{target}].{key}: {e} "
-                                      f"({spec.where(key)})") from None
-                if not norm[key] or any(c in norm[key] for c in ":\n/"):
-                    raise RenderError(f"render: file[{target}].{key} {norm[key]!r} is not a "
-                                      f"user or group name ({spec.where(key)})")
-        if "mode" in spec:
-            norm["mode"] = _mode(spec["mode"], f"file[{target}].mode", spec.where("mode"))
-        if "notify" in spec:
-            norm["notify"] = _names(spec["notify"], f"file[{target}].notify", spec.where("notify"))
-        content = None
-        sources = [k for k in ("content", "template", "source") if k in spec]
-        if state == "absent":
-            extra = sources + [k for k in ("target", "mode", "owner", "group") if k in spec]
-            if extra:
-                raise RenderError(f"render: file[{target}] is absent but sets {extra[0]} "
-                                  f"({spec.where(extra[0])})")
-        elif kind == "file":
-            if len(sources) != 1 or "target" in spec:
-                raise RenderError(f"render: file[{target}] needs exactly one of content, "
-                                  f"template or source ({where})")
-            content = self._content(spec, sources[0], f"file[{target}]", variables)
-            norm[sources[0]] = spec[sources[0]] if sources[0] != "content" else None
-        elif kind == "directory":
-            if sources or "target" in spec:
-                raise RenderError(f"render: directory {target} takes no content or target "
-                                  f"({where})")
-        elif kind == "symlink":
-            if sources or not isinstance(spec.get("target"), str) or not spec["target"]:
-                raise RenderError(f"render: symlink {target} needs target: and no content "
-                                  f"({where})")
-            norm["target"] = spec["target"]
-            for key in ("mode", "owner", "group"):
-                norm.pop(key, None)
-        return Resource(kind if state == "present" else "file", target, norm, where, content)
 
     def _content(self, spec: LineDict, key: str, ident: str, variables: dict) -> bytes:
         value = spec[key]
@@ -426,72 +280,6 @@ class Renderer:
             raise RenderError(f"render: template files/{rel}{line} failed: "
                               f"{type(e).__name__}: {e} (used by {ident} at {where})") from None
 
-    def _package(self, parent: LineDict, name: Any, spec: Any) -> Resource:
-        where = parent.where(name)
-        if not isinstance(name, str) or not name or name.startswith("-") or " " in name:
-            raise RenderError(f"render: package name {name!r} is not valid ({where})")
-        norm: dict[str, Any]
-        if isinstance(spec, str):
-            if spec not in _PACKAGE_STATES:
-                raise RenderError(f"render: package[{name}] must be present, absent or latest, "
-                                  f"or a mapping with version ({where})")
-            norm = {"state": spec}
-        elif isinstance(spec, LineDict):
-            self._keys(spec, {"state", "version", "notify"}, f"package[{name}]")
-            norm = {"state": spec.get("state", "present")}
-            if norm["state"] not in _PACKAGE_STATES:
-                raise RenderError(f"render: package[{name}].state must be one of "
-                                  f"{', '.join(_PACKAGE_STATES)} ({spec.where('state')})")
-            if "version" in spec:
-                norm["version"] = str(spec["version"])
-            if "notify" in spec:
-                norm["notify"] = _names(spec["notify"], f"package[{name}].notify",
-                                        spec.where("notify"))
-        else:
-            raise RenderError(f"render: package[{name}] must be a state or a mapping ({where})")
-        return Resource("package", name, norm, where)
-
-    def _unit(self, parent: LineDict, name: Any, spec: Any, variables: dict) -> Resource:
-        where = parent.where(name)
-        if not isinstance(name, str) or not (_UNIT_NAME.match(name) or _DROPIN.match(name)):
-            raise RenderError(f"render: unit name {name!r} is not a unit file or drop-in: "
-                              f"NAME.TYPE (TYPE one of {', '.join(UNIT_TYPES)}; letters, digits "
-                              f"and :-_.@\\ only, at most 255 characters) or "
-                              f"NAME.TYPE.d/FILE.conf ({where})")
-        if not isinstance(spec, LineDict):
-            raise RenderError(f"render: unit[{name}] must be a mapping ({where})")
-        self._keys(spec, _UNIT_KEYS, f"unit[{name}]")
-        sources = [k for k in ("content", "template", "source") if k in spec]
-        if len(sources) != 1:
-            raise RenderError(f"render: unit[{name}] needs exactly one of content, template "
-                              f"or source ({where})")
-        norm: dict[str, Any] = {sources[0]: spec[sources[0]] if sources[0] != "content" else None}
-        if "notify" in spec:
-            norm["notify"] = _names(spec["notify"], f"unit[{name}].notify", spec.where("notify"))
-        content = self._content(spec, sources[0], f"unit[{name}]", variables)
-        return Resource("unit", name, norm, where, content)
-
-    def _service(self, parent: LineDict, name: Any, spec: Any) -> Resource:
-        where = parent.where(name)
-        if not isinstance(name, str) or not _UNIT_NAME.match(
-                name if "." in name else f"{name}.service"):
-            raise RenderError(f"render: service name {name!r} is not a unit name like "
-                              f"nginx.service ({where})")
-        if not isinstance(spec, LineDict):
-            raise RenderError(f"render: service[{name}] must be a mapping ({where})")
-        self._keys(spec, _SERVICE_KEYS, f"service[{name}]")
-        norm = {}
-        for key in _SERVICE_KEYS:
-            if key in spec:
-                if not isinstance(spec[key], bool):
-                    raise RenderError(f"render: service[{name}].{key} must be true or false "
-                                      f"({spec.where(key)})")
-                norm[key] = spec[key]
-        if "." not in name:
-            name = f"{name}.service"
-        return Resource("service", name, norm, where)
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -502,22 +290,6 @@ def _plain(value: Any) -> Any:
 
 def _label(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _mode(value: Any, what: str, where: str) -> str:
-    if isinstance(value, str) and value.isdigit() and all(c in "01234567" for c in value) \
-            and len(value) <= 4 and int(value, 8) <= 0o7777:
-        return f"{int(value, 8):04o}"
-    raise RenderError(f"render: {what} must be a quoted octal string like \"0644\", got "
-                      f"{value!r} (an unquoted 0644 is read by YAML as a number) ({where})")
-
-
-def _names(value: Any, what: str, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise RenderError(f"render: {what} must be a list of service names ({where})")
-    return [v if "." in v else f"{v}.service" for v in value]
 
 
 def _template_line(e: BaseException, filename: str) -> str:

@@ -238,14 +238,22 @@ def test_latest_failing_postinst_and_a_user_made_by_a_package(tmp_path, bed16):
         assert "ii" in bed.run("dpkg-query", "-W", "-f=${db:Status-Abbrev}",
                                "gitops-fine").stdout
 
-        fleet.commit("a user from a package owns a file", push=True, files={
+        fleet.commit("a user from a package owns a file; a live sysctl", push=True, files={
             "roles/app.yaml": role("gitops-svcuser: present",
                                    '/etc/svc.conf: {content: "x\\n", owner: svcuser, '
-                                   'group: svcuser, mode: "0640"}', "", "")})
+                                   'group: svcuser, mode: "0640"}', "", "")
+            # UTS-namespaced: the testbed's own, never the test machine's
+            + "sysctl: {kernel.domainname: gitops-test}\n"})
+        host_domain = Path("/proc/sys/kernel/domainname").read_text()
         res = apply()
         assert res["state"] == "converged", res
         st = (bed.root / "etc/svc.conf").stat()
         uid = bed.run("id", "-u", "svcuser").stdout.strip()
         assert str(st.st_uid) == uid
+        assert bed.run("cat", "/proc/sys/kernel/domainname").stdout.strip() == "gitops-test"
+        assert "kernel.domainname = gitops-test" in \
+            (bed.root / "etc/sysctl.d/60-gitops-agent.conf").read_text()
+        assert Path("/proc/sys/kernel/domainname").read_text() == host_domain
+        assert apply()["changed"] == 0  # checked live against /proc/sys: a no-op now
     finally:
         daemon.stop()

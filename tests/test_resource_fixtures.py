@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.host import Result
-from agent.render import Resource
+from agent.model import Resource
 from agent.resources import packages as pk
 from agent.resources import systemd as sd
 

@@ -86,8 +86,11 @@ class Testbed:
         script.chmod(0o755)
         with open(self.log, "wb") as console:
             self.proc = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "--mount", "--propagation", "private",
-                 str(script), str(self.root)], stdout=console, stderr=subprocess.STDOUT,
+                # its own PID, mount, UTS and IPC namespaces: systemd sets the hostname
+                # and the sysctls of those namespaces, never the test machine's
+                ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--propagation",
+                 "private", str(script), str(self.root)], stdout=console,
+                stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline and not self.pid:
@@ -109,7 +112,8 @@ class Testbed:
 
     def run(self, *argv: str, check: bool = True, timeout: float = 120,
             input: str | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", *argv],
+        p = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-u", "-i", "-r", "-w",
+                            *argv],
                            capture_output=True, text=True, timeout=timeout, input=input)
         if check and p.returncode != 0:
             raise AssertionError(f"{argv} exited {p.returncode}: {p.stdout}{p.stderr}")

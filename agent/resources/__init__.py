@@ -1,29 +1,36 @@
-"""One module per resource kind. Each kind has check() (reads, never mutates) and
-apply() (re-checks right before it mutates, through `host` only), and both return a
-Change: the one result type of the whole pipeline (Ansible-shaped).
+"""The resource kinds and their registry.
+
+One module per kind (or family of kinds) implements the contract of base.Kind; this
+registry is the only place that lists them. render, converge, drift and prune look
+kinds up here and name none. The stages, lower first:
+
+    0 packages → 10 groups → 11 users → 20 directories/files/symlinks → 30 sysctl
+    → 40 unit files (then one daemon-reload) → 50 services → notified restarts/reloads
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from ..model import Change
+from .base import Kind
 
-FILE_KINDS = ("file", "directory", "symlink")
+__all__ = ["Change", "Kind", "KINDS", "ROLE_KEYS", "kind"]
 
 
-@dataclass
-class Change:
-    id: str
-    changed: bool = False
-    failed: bool = False
-    msg: str = ""
-    diff: str = ""
-    action: str = "none"  # none | create | update | remove | restore | prune | ...
-    data: dict[str, Any] = field(default_factory=dict)
+def _load() -> dict[str, Kind]:
+    from . import files, packages, sysctl, systemd
 
-    def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "changed": self.changed, "failed": self.failed, "msg": self.msg,
-               "action": self.action}
-        if self.diff:
-            out["diff"] = self.diff
-        return out
+    kinds: dict[str, Kind] = {}
+    for module in (files, packages, systemd, sysctl):  # role-key order of a rendered state
+        for k in module.KINDS:
+            kinds[k.name] = k
+    return kinds
+
+
+KINDS: dict[str, Kind] = _load()
+# role/host file key → the kind that parses it, in the order render emits resources
+ROLE_KEYS: dict[str, Kind] = {k.role_key: k for k in KINDS.values() if k.role_key}
+
+
+def kind(name: str) -> Kind:
+    """The kind of a resource or manifest entry; KeyError for a kind this agent lacks."""
+    return KINDS[name]

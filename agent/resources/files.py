@@ -16,14 +16,18 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ApplyError
-from ..host import kind_name
-from . import Change
+from ..errors import ApplyError, RenderError
+from ..host import kind_name, parse_id
+from ..model import Change, Resource
+from .base import Env, Kind, ParseCtx, parse_mode, parse_names
 
 if TYPE_CHECKING:
     from ..host import Host
-    from ..render import Resource
     from ..state import StateDir
+
+FILE_KINDS = ("file", "directory", "symlink")
+_FILE_KEYS = {"content", "template", "source", "type", "target", "mode", "owner", "group",
+              "state", "notify"}
 
 MAX_DIFF_BYTES = 256 * 1024
 
@@ -284,3 +288,105 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
     if not dry:
         host.remove(name)
     return change
+
+
+class FileKind(Kind):
+    """file, directory and symlink: one `files:` key, three kinds, one path namespace."""
+
+    stage = 20
+    by_path = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.role_key = "files" if name == "file" else ""
+
+    def conflict_key(self, res: Resource) -> str:
+        return f"path[{res.name}]"  # a file and a directory at one path conflict too
+
+    def path(self, name: str) -> str | None:
+        return name
+
+    def parse(self, target: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise RenderError(f"render: file target {target!r} must be an absolute path ({where})")
+        if ".." in target.split("/") or "\0" in target:
+            raise RenderError(f"render: file target {target} contains '..' ({where})")
+        target = "/" + "/".join(p for p in target.split("/") if p and p != ".")
+        if not isinstance(spec, dict):
+            raise RenderError(f"render: file[{target}] must be a mapping of options ({where})")
+        ctx.keys(spec, _FILE_KEYS, f"file[{target}]")
+        state = spec.get("state", "present")
+        if state not in ("present", "absent"):
+            raise RenderError(f"render: file[{target}].state must be present or absent "
+                              f"({spec.where('state')})")
+        kind = spec.get("type", "file")
+        if kind not in FILE_KINDS:
+            raise RenderError(f"render: file[{target}].type must be file, directory or "
+                              f"symlink, got {kind!r} ({spec.where('type')})")
+        norm: dict[str, Any] = {"state": state}
+        for key in ("owner", "group"):
+            if key in spec:
+                v = spec[key]
+                if isinstance(v, bool) or not isinstance(v, str | int):
+                    raise RenderError(f"render: file[{target}].{key} must be a name or id "
+                                      f"({spec.where(key)})")
+                norm[key] = str(v)
+                try:
+                    parse_id(norm[key])
+                except ValueError as e:
+                    raise RenderError(f"render: file[{target}].{key}: {e} "
+                                      f"({spec.where(key)})") from None
+                if not norm[key] or any(c in norm[key] for c in ":\n/"):
+                    raise RenderError(f"render: file[{target}].{key} {norm[key]!r} is not a "
+                                      f"user or group name ({spec.where(key)})")
+        if "mode" in spec:
+            norm["mode"] = parse_mode(spec["mode"], f"file[{target}].mode", spec.where("mode"))
+        if "notify" in spec:
+            norm["notify"] = parse_names(spec["notify"], f"file[{target}].notify",
+                                         spec.where("notify"))
+        content = None
+        sources = [k for k in ("content", "template", "source") if k in spec]
+        if state == "absent":
+            extra = sources + [k for k in ("target", "mode", "owner", "group") if k in spec]
+            if extra:
+                raise RenderError(f"render: file[{target}] is absent but sets {extra[0]} "
+                                  f"({spec.where(extra[0])})")
+        elif kind == "file":
+            if len(sources) != 1 or "target" in spec:
+                raise RenderError(f"render: file[{target}] needs exactly one of content, "
+                                  f"template or source ({where})")
+            content = ctx.content(spec, sources[0], f"file[{target}]")
+            norm[sources[0]] = spec[sources[0]] if sources[0] != "content" else None
+        elif kind == "directory":
+            if sources or "target" in spec:
+                raise RenderError(f"render: directory {target} takes no content or target "
+                                  f"({where})")
+        elif kind == "symlink":
+            if sources or not isinstance(spec.get("target"), str) or not spec["target"]:
+                raise RenderError(f"render: symlink {target} needs target: and no content "
+                                  f"({where})")
+            norm["target"] = spec["target"]
+            for key in ("mode", "owner", "group"):
+                norm.pop(key, None)
+        return Resource(kind if state == "present" else "file", target, norm, where, content)
+
+    def query(self, resources: list[Resource], env: Env) -> Any:
+        return None  # each path is read right before it is checked (a batch goes stale)
+
+    def check(self, res: Resource, observed: Any, env: Env) -> Change:
+        return check(res, Ctx(env.host, env.state, env.old.get(res.identity, {})))
+
+    def apply_one(self, res: Resource, planned: Change, env: Env) -> Change:
+        return apply(res, Ctx(env.host, env.state, env.old.get(res.identity, {})))
+
+    def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
+        if res.spec.get("state") == "absent":
+            return None  # removed, not managed
+        return super().record(res, change)
+
+    def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
+        return prune(ident, entry.get("path", entry["name"]), entry,
+                     Ctx(env.host, env.state, env.old.get(ident, {})), dry=dry)
+
+
+KINDS = [FileKind("file"), FileKind("directory"), FileKind("symlink")]

@@ -17,11 +17,14 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import Change
+from ..errors import AgentError, RenderError
+from ..model import Change, Resource
+from .base import Env, Kind, ParseCtx, parse_names
 
 if TYPE_CHECKING:
     from ..host import Host
-    from ..render import Resource
+
+_PACKAGE_STATES = ("present", "absent", "latest")
 
 
 @dataclass
@@ -329,3 +332,76 @@ def _as_declared(res: Resource, ch: Change, have: Installed | None) -> bool:
 def _apt_error(text: str) -> str:
     errors = [line for line in text.splitlines() if line.startswith(("E:", "Error:"))]
     return "; ".join(errors) if errors else text[-2000:]
+
+
+class PackageKind(Kind):
+    """`packages: {nginx: present, curl: {version: "7.88.*"}, vim: latest}`."""
+
+    name = "package"
+    role_key = "packages"
+    stage = 0
+    batch = True
+
+    def parse(self, name: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
+        if not isinstance(name, str) or not name or name.startswith("-") or " " in name:
+            raise RenderError(f"render: package name {name!r} is not valid ({where})")
+        norm: dict[str, Any]
+        if isinstance(spec, str):
+            if spec not in _PACKAGE_STATES:
+                raise RenderError(f"render: package[{name}] must be present, absent or latest, "
+                                  f"or a mapping with version ({where})")
+            norm = {"state": spec}
+        elif isinstance(spec, dict):
+            ctx.keys(spec, {"state", "version", "notify"}, f"package[{name}]")
+            norm = {"state": spec.get("state", "present")}
+            if norm["state"] not in _PACKAGE_STATES:
+                raise RenderError(f"render: package[{name}].state must be one of "
+                                  f"{', '.join(_PACKAGE_STATES)} ({spec.where('state')})")
+            if "version" in spec:
+                norm["version"] = str(spec["version"])
+            if "notify" in spec:
+                norm["notify"] = parse_names(spec["notify"], f"package[{name}].notify",
+                                             spec.where("notify"))
+        else:
+            raise RenderError(f"render: package[{name}] must be a state or a mapping ({where})")
+        return Resource("package", name, norm, where)
+
+    def _packages(self, env: Env) -> Packages:
+        return env.helper("packages", lambda: Packages(
+            env.host, backend_for(env.host.root, env.package_backend)))
+
+    def query(self, resources: list[Resource], env: Env) -> Any:
+        """One query for all installed versions; one more for candidates, only when
+        something asks for `latest`."""
+        pkgs = self._packages(env)
+        refused = pkgs.refuse()
+        if refused:
+            return {"refused": refused}
+        out: dict[str, Any] = {"installed": {}, "candidates": {}}
+        try:
+            out["installed"] = pkgs.query([r.name for r in resources])
+            latest = [r.name for r in resources if r.spec.get("state") == "latest"]
+            if latest:
+                out["candidates"] = pkgs.candidates(latest)
+        except (AgentError, OSError) as e:
+            out["error"] = f"package query failed: {e}"
+        return out
+
+    def check(self, res: Resource, observed: Any, env: Env) -> Change:
+        observed = observed or {}
+        if observed.get("refused") or observed.get("error"):
+            return Change(res.identity, failed=True,
+                          msg=observed.get("refused") or observed["error"])
+        return check(res, observed.get("installed", {}), observed.get("candidates"))
+
+    def apply(self, items: list[tuple[Resource, Change]], env: Env) -> list[Change]:
+        todo = [(r, c) for r, c in items if c.changed and not c.failed]
+        done = {c.id: c for c in self._packages(env).apply(todo)} if todo else {}
+        if any(c.changed and not c.failed for c in done.values()):
+            # packages ship unit files and create users: later stages must look again
+            env.flags["units_changed"] = True
+        return [done.get(r.identity, c) for r, c in items]
+
+
+
+KINDS = [PackageKind()]

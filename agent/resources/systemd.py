@@ -12,14 +12,31 @@ running systemd, so they are refused unless root is `/`.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import Change
+from ..errors import RenderError
+from ..model import Change, Resource, identity
+from . import files as file_res
+from .base import Env, Kind, ParseCtx, parse_names
 
 if TYPE_CHECKING:
     from ..host import Host
-    from ..render import Resource
+
+_UNIT_KEYS = {"content", "template", "source", "notify"}
+_SERVICE_KEYS = {"enabled", "active", "masked", "reload"}
+# systemd's unit name rules (unit_name_is_valid): a prefix of [A-Za-z0-9:_.\\-], an
+# optional @instance, a known type suffix, at most 255 characters; drop-ins live in
+# NAME.TYPE.d/ (or TYPE.d/ for every unit of a type) and must end in .conf
+UNIT_TYPES = ("service", "socket", "device", "mount", "automount", "swap", "target", "path",
+              "timer", "slice", "scope")
+_UNIT_CHARS = r"[A-Za-z0-9:_.\\-]"
+_UNIT_RE = (_UNIT_CHARS + r"+(?:@" + _UNIT_CHARS + r"*)?\.(?:" + "|".join(UNIT_TYPES) + ")")
+_UNIT_NAME = re.compile(r"^(?=.{1,255}$)" + _UNIT_RE + "$")
+_DROPIN = re.compile(r"^(?:(?=[^/]{1,255}/)" + _UNIT_RE + "|" + "|".join(UNIT_TYPES)
+                     + r")\.d/[A-Za-z0-9:_.@\\-]{1,250}\.conf$")
 
 UNIT_DIR = "/etc/systemd/system"
 SHOW_PROPS = ["Id", "LoadState", "ActiveState", "UnitFileState", "MainPID"]
@@ -152,10 +169,164 @@ class Systemd:
 
     def notify(self, name: str, reload: bool) -> Change:
         verb = "reload" if reload else "restart"
-        ident = f"service[{name}]"
+        ident = identity("service", name)
         if self.sandbox:
             return Change(ident, msg=f"{verb} skipped: sandbox root has no running systemd")
         r = self.host.run(["systemctl", verb, name])
         return Change(ident, changed=r.ok, failed=not r.ok, action=verb,
                       msg=f"{verb}ed (notified)" if r.ok else
                       f"systemctl {verb} {name}: {r.error_text()}")
+
+
+def _systemd(env: Env) -> Systemd:
+    return env.helper("systemd", lambda: Systemd(env.host))
+
+
+def reload_if_needed(env: Env) -> list[Change]:
+    """One daemon-reload after unit files (or packages, which ship them) changed, before
+    services are acted on, or at the end; none when nothing changed."""
+    if not env.flags.get("units_changed") or env.flags.get("reloaded"):
+        return []
+    env.flags["reloaded"] = True
+    rc = _systemd(env).daemon_reload()
+    return [rc] if rc.failed or rc.changed else []
+
+
+class UnitKind(Kind):
+    """Unit files and drop-ins under /etc/systemd/system, written as files."""
+
+    name = "unit"
+    role_key = "units"
+    stage = 40
+    by_path = True
+
+    def parse(self, name: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
+        if not isinstance(name, str) or not (_UNIT_NAME.match(name) or _DROPIN.match(name)):
+            raise RenderError(f"render: unit name {name!r} is not a unit file or drop-in: "
+                              f"NAME.TYPE (TYPE one of {', '.join(UNIT_TYPES)}; letters, digits "
+                              f"and :-_.@\\ only, at most 255 characters) or "
+                              f"NAME.TYPE.d/FILE.conf ({where})")
+        if not isinstance(spec, dict):
+            raise RenderError(f"render: unit[{name}] must be a mapping ({where})")
+        ctx.keys(spec, _UNIT_KEYS, f"unit[{name}]")
+        sources = [k for k in ("content", "template", "source") if k in spec]
+        if len(sources) != 1:
+            raise RenderError(f"render: unit[{name}] needs exactly one of content, template "
+                              f"or source ({where})")
+        norm: dict[str, Any] = {sources[0]: spec[sources[0]] if sources[0] != "content" else None}
+        if "notify" in spec:
+            norm["notify"] = parse_names(spec["notify"], f"unit[{name}].notify",
+                                         spec.where("notify"))
+        content = ctx.content(spec, sources[0], f"unit[{name}]")
+        return Resource("unit", name, norm, where, content)
+
+    def path(self, name: str) -> str | None:
+        return unit_path(name)
+
+    def _as_file(self, res: Resource) -> Resource:
+        return Resource("file", unit_path(res.name), {"state": "present", "mode": "0644"},
+                        res.origin, res.content)
+
+    def _ctx(self, ident: str, env: Env) -> file_res.Ctx:
+        return file_res.Ctx(env.host, env.state, env.old.get(ident, {}))
+
+    def check(self, res: Resource, observed: Any, env: Env) -> Change:
+        change = file_res.check(self._as_file(res), self._ctx(res.identity, env))
+        change.id = res.identity
+        return change
+
+    def apply_one(self, res: Resource, planned: Change, env: Env) -> Change:
+        change = file_res.apply(self._as_file(res), self._ctx(res.identity, env))
+        change.id = res.identity
+        if change.changed and not change.failed:
+            env.flags["units_changed"] = True
+        return change
+
+    def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
+        path = entry.get("path", unit_path(entry["name"]))
+        done = ""
+        if not dry and env.host.lstat(path) is not None:
+            done = _systemd(env).stop_and_disable(entry["name"]) + ", "
+        change = file_res.prune(ident, path, entry, self._ctx(ident, env), dry=dry)
+        if change.changed:
+            if done:
+                change.msg = done + change.msg
+            if not dry:
+                env.flags["units_changed"] = True
+        return change
+
+    def finish(self, env: Env) -> list[Change]:
+        return reload_if_needed(env)
+
+
+class ServiceKind(Kind):
+    """enabled/active/masked services; notified restarts and reloads at the end."""
+
+    name = "service"
+    role_key = "services"
+    stage = 50
+
+    def parse(self, name: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
+        if not isinstance(name, str) or not _UNIT_NAME.match(
+                name if "." in name else f"{name}.service"):
+            raise RenderError(f"render: service name {name!r} is not a unit name like "
+                              f"nginx.service ({where})")
+        if not isinstance(spec, dict):
+            raise RenderError(f"render: service[{name}] must be a mapping ({where})")
+        ctx.keys(spec, _SERVICE_KEYS, f"service[{name}]")
+        norm = {}
+        for key in _SERVICE_KEYS:
+            if key in spec:
+                if not isinstance(spec[key], bool):
+                    raise RenderError(f"render: service[{name}].{key} must be true or false "
+                                      f"({spec.where(key)})")
+                norm[key] = spec[key]
+        if "." not in name:
+            name = f"{name}.service"
+        return Resource("service", name, norm, where)
+
+    def query(self, resources: list[Resource], env: Env) -> Any:
+        return _systemd(env).show([r.name for r in resources])
+
+    def check(self, res: Resource, observed: Any, env: Env) -> Change:
+        return _systemd(env).check_service(res, (observed or {}).get(res.name))
+
+    def before(self, env: Env) -> list[Change]:
+        return reload_if_needed(env)
+
+    def apply_one(self, res: Resource, planned: Change, env: Env) -> Change:
+        """Re-check right before acting: daemon-reload or a package may have changed it."""
+        sd = _systemd(env)
+        now = sd.check_service(res, sd.show([res.name]).get(res.name))
+        if now.failed or not now.changed:
+            return now
+        return sd.apply_service(res, now)
+
+    def handlers(self, steps: list[tuple[Resource, Change]], env: Env,
+                 should_stop: Callable[[], bool]) -> list[Change]:
+        """Restart (or reload) each notified service once, after everything else."""
+        changed = {c.id for _, c in steps if c.changed and not c.failed}
+        started = {c.id for _, c in steps if c.data.get("started")}
+        services = {r.name: r for r, _ in steps if r.kind == self.name}
+        wanted: list[str] = []
+        for res, _ in steps:
+            if res.identity not in changed:
+                continue
+            for name in res.notify:
+                if name not in wanted:
+                    wanted.append(name)
+        out = []
+        for name in wanted:
+            svc = services.get(name)
+            if identity(self.name, name) in started:
+                continue  # just started with the new configuration
+            if svc is not None and (svc.spec.get("active") is False or svc.spec.get("masked")):
+                continue
+            if should_stop():
+                break
+            out.append(_systemd(env).notify(name, bool(svc and svc.spec.get("reload"))))
+        return out
+
+
+
+KINDS = [UnitKind(), ServiceKind()]

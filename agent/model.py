@@ -1,0 +1,98 @@
+"""The shared vocabulary of the pipeline: Resource, DesiredState, Change, identities.
+
+Owns: what one declared resource is (kind, name, normalized spec, origin file:line,
+content), the desired state of one host at one commit, the one result type of every
+stage (Change, Ansible-shaped), and the identity `kind[name]` used the same in logs,
+plans, manifests, reports and the socket.
+Must not: know any particular kind; resources/ does, through the registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def identity(kind: str, name: str) -> str:
+    """`file[/etc/motd]`, `package[nginx]`, `service[nginx.service]`."""
+    return f"{kind}[{name}]"
+
+
+@dataclass
+class Resource:
+    kind: str
+    name: str
+    spec: dict[str, Any]
+    origin: str
+    content: bytes | None = None
+    _digest: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def identity(self) -> str:
+        return identity(self.kind, self.name)
+
+    @property
+    def notify(self) -> tuple[str, ...]:
+        return tuple(self.spec.get("notify", ()))
+
+    def digest(self) -> str:
+        """Changes when anything about the desired state of this resource changes.
+        Computed once: a Resource is not changed after render builds it."""
+        if self._digest is None:
+            h = hashlib.sha256(json.dumps([self.kind, self.name, self.spec], sort_keys=True,
+                                          default=str).encode())
+            if self.content is not None:
+                h.update(b"\0")
+                h.update(self.content)
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def to_json(self, with_content: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.identity, "kind": self.kind, "name": self.name,
+                               "origin": self.origin, "spec": self.spec}
+        if self.content is not None:
+            out["sha256"] = hashlib.sha256(self.content).hexdigest()
+            if with_content:
+                try:
+                    out["content"] = self.content.decode()
+                except UnicodeDecodeError:
+                    out["content_base64"] = base64.b64encode(self.content).decode()
+        return out
+
+
+@dataclass
+class DesiredState:
+    host: str
+    commit: str
+    roles: list[str]
+    vars: dict[str, Any]
+    resources: list[Resource] = field(default_factory=list)
+
+    def by_id(self) -> dict[str, Resource]:
+        return {r.identity: r for r in self.resources}
+
+    def to_json(self, with_content: bool = True) -> dict[str, Any]:
+        return {"host": self.host, "commit": self.commit, "roles": self.roles,
+                "vars": self.vars, "resources": [r.to_json(with_content) for r in self.resources]}
+
+
+
+@dataclass
+class Change:
+    id: str
+    changed: bool = False
+    failed: bool = False
+    msg: str = ""
+    diff: str = ""
+    action: str = "none"  # none | create | update | remove | restore | prune | ...
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"id": self.id, "changed": self.changed, "failed": self.failed, "msg": self.msg,
+               "action": self.action}
+        if self.diff:
+            out["diff"] = self.diff
+        return out
