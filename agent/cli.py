@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from .errors import AgentError, TrustError, UsageError
@@ -249,15 +250,120 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    from .control import client_verb
-
     return client_verb(socket_path(args.config), args)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    from .report import fleet_status_cli
+    from .config import parse_duration
+    from .fleet import fleet_rows
 
-    return fleet_status_cli(args)
+    try:
+        stale = parse_duration(args.stale)
+    except ValueError as e:
+        from .errors import UsageError
+
+        raise UsageError(f"fleet status: --stale: {e}") from None
+    data = fleet_rows(args.reports, stale, args.repo, args.branch)
+    bad = bool(data["skipped"]) or any(r["stale"] or r["state"] in ("failed", "rejected")
+                                       for r in data["rows"])
+    for why in data["skipped"]:
+        print(f"warning: fleet status: {why}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(data, indent=1, sort_keys=True, default=str))
+        return 1 if bad else 0
+    lines = [f"{'HOST':20} {'COMMIT':12} {'STATE':10} {'REPORT AGE':>10}  {'OFFLINE':7} "
+             f"{'FAILED':6}" + ("  BEHIND" if data["tip"] else "")]
+    for r in data["rows"]:
+        age = "-" if r["age"] is None else f"{r['age']:.0f}s" + (" STALE" if r["stale"] else "")
+        behind = ""
+        if data["tip"]:
+            behind = "  ?" if r.get("behind") is None else f"  {r['behind']}"
+        lines.append(f"{r['host']:20} {(r['commit'] or '-')[:12]:12} {r['state'] or '-':10} "
+                     f"{age:>10}  {'yes' if r['offline'] else 'no':7} {r['failed']:<6}{behind}")
+    lines.append("")
+    for commit, s in data["rollout"].items():
+        lines.append(f"{commit[:7]}: {s['converged']}/{s['hosts']} hosts converged, "
+                     f"{s['failed']} failed, {s['stale']} stale")
+    print("\n".join(lines))
+    return 1 if bad else 0
+
+
+# --- the verbs that talk to a running daemon -------------------------------------------
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    d = time.time() - ts
+    if d < 0:
+        return f"in {-d:.0f}s"
+    return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else \
+        f"{d / 3600:.1f}h ago"
+
+
+def human_status(s: dict) -> str:
+    lc = s.get("last_cycle") or {}
+    lines = [
+        f"host:        {s.get('host')}",
+        f"state:       {s.get('state')}" + (f" ({s['paused']['reason']})"
+                                            if s.get("paused") else ""),
+        f"applied:     {(s.get('applied_commit') or '-')[:12]}  signed by "
+        f"{s.get('signer') or '-'}",
+        f"last good:   {(s.get('last_good') or '-')[:12]}",
+        f"fetched tip: {(s.get('fetched_tip') or '-')[:12]}",
+        f"last cycle:  {lc.get('state', '-')}, {lc.get('changed', 0)} changed, "
+        f"{lc.get('failed', 0)} failed, finished {_age(lc.get('finished'))}",
+        f"next cycle:  {_age(s.get('next_cycle_at'))}",
+        f"drift fixed: {s.get('drift_corrections', 0)}",
+    ]
+    if s.get("offline_since"):
+        lines.append(f"offline:     since {_age(s['offline_since'])}: {s.get('offline_reason')}")
+    if s.get("rejected"):
+        lines.append(f"rejected:    {s['rejected']}")
+    for e in lc.get("errors") or []:
+        lines.append(f"error:       {e}")
+    if s.get("config_error"):
+        lines.append(f"config:      {s['config_error']} (running with the previous config)")
+    for w in s.get("warnings") or []:
+        lines.append(f"warning:     {w}")
+    lines.append(f"version:     {s.get('version')}")
+    return "\n".join(lines) + "\n"
+
+
+def client_verb(socket_path: str, args: Any) -> int:
+    verb = args.verb
+    req: dict[str, Any] = {"verb": verb}
+    timeout = 30.0
+    if verb == "sync":
+        req["wait"] = args.wait
+        timeout = 3600.0 if args.wait else 30.0
+    if verb == "pause":
+        req["reason"] = args.reason
+    if verb == "plan":
+        timeout = 600.0
+    from .control import request
+
+    result = request(socket_path, req, timeout)
+    if verb == "status":
+        _print(result, args.json, human_status(result))
+        return 0 if result.get("state") not in ("failed", "rejected") else 1
+    if verb in ("sync", "plan") and isinstance(result, dict) and "changes" in result:
+        from .cycle import CycleResult
+        from .model import Change
+
+        cr = CycleResult(started=result.get("started", 0))
+        for k in ("finished", "state", "commit", "offline", "offline_reason", "rejected",
+                  "warnings", "errors", "fast_path"):
+            setattr(cr, k, result.get(k, getattr(cr, k)))
+        cr.changes = [Change(c["id"], c["changed"], c["failed"], c["msg"], c.get("diff", ""),
+                             c["action"]) for c in result["changes"]]
+        _print(result, args.json, _human_cycle(cr, verb == "plan"))
+        return 0 if cr.state in ("converged", "offline", "planned") and not cr.failed else 1
+    if verb == "history":
+        _print(result, args.json, human_history(result))
+        return 0
+    _print(result, args.json, f"{result.get('message', 'ok')}\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

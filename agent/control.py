@@ -2,9 +2,9 @@
 
 Owns: the wire protocol (one JSON object per line each way), who may ask what
 (SO_PEERCRED: root, the daemon's own uid, or members of the `gitops-agent` group;
-anyone else is refused with a message), and the CLI verbs that talk to a running
-daemon: status, sync [--wait], plan, pause, resume, history.
-Must not: run cycles itself; it calls the Daemon's methods.
+anyone else is refused with a message), its limits, and the client's request().
+Must not: run cycles itself (it calls the Daemon's methods), or print: the CLI verbs
+that talk to a running daemon and all their output live in cli.py.
 
     request:  {"verb": "sync", "wait": true}
     response: {"ok": true, "result": {...}}  or  {"ok": false, "error": "why"}
@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import struct
-import time
 from typing import Any
 
 from .errors import AgentError
@@ -218,81 +217,3 @@ def request(path: str, req: dict, timeout: float = 30) -> Any:
     if not resp.get("ok"):
         raise AgentError(f"control: {resp.get('error')}")
     return resp["result"]
-
-
-def _age(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    d = time.time() - ts
-    if d < 0:
-        return f"in {-d:.0f}s"
-    return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else \
-        f"{d / 3600:.1f}h ago"
-
-
-def human_status(s: dict) -> str:
-    lc = s.get("last_cycle") or {}
-    lines = [
-        f"host:        {s.get('host')}",
-        f"state:       {s.get('state')}" + (f" ({s['paused']['reason']})"
-                                            if s.get("paused") else ""),
-        f"applied:     {(s.get('applied_commit') or '-')[:12]}  signed by "
-        f"{s.get('signer') or '-'}",
-        f"last good:   {(s.get('last_good') or '-')[:12]}",
-        f"fetched tip: {(s.get('fetched_tip') or '-')[:12]}",
-        f"last cycle:  {lc.get('state', '-')}, {lc.get('changed', 0)} changed, "
-        f"{lc.get('failed', 0)} failed, finished {_age(lc.get('finished'))}",
-        f"next cycle:  {_age(s.get('next_cycle_at'))}",
-        f"drift fixed: {s.get('drift_corrections', 0)}",
-    ]
-    if s.get("offline_since"):
-        lines.append(f"offline:     since {_age(s['offline_since'])}: {s.get('offline_reason')}")
-    if s.get("rejected"):
-        lines.append(f"rejected:    {s['rejected']}")
-    for e in lc.get("errors") or []:
-        lines.append(f"error:       {e}")
-    if s.get("config_error"):
-        lines.append(f"config:      {s['config_error']} (running with the previous config)")
-    for w in s.get("warnings") or []:
-        lines.append(f"warning:     {w}")
-    lines.append(f"version:     {s.get('version')}")
-    return "\n".join(lines) + "\n"
-
-
-def client_verb(socket_path: str, args: Any) -> int:
-    from .cli import _human_cycle, _print
-
-    verb = args.verb
-    req: dict[str, Any] = {"verb": verb}
-    timeout = 30.0
-    if verb == "sync":
-        req["wait"] = args.wait
-        timeout = 3600.0 if args.wait else 30.0
-    if verb == "pause":
-        req["reason"] = args.reason
-    if verb == "plan":
-        timeout = 600.0
-    result = request(socket_path, req, timeout)
-    if verb == "status":
-        _print(result, args.json, human_status(result))
-        return 0 if result.get("state") not in ("failed", "rejected") else 1
-    if verb in ("sync", "plan") and isinstance(result, dict) and "changes" in result:
-        from .cycle import CycleResult
-        from .resources import Change
-
-        cr = CycleResult(started=result.get("started", 0))
-        for k in ("finished", "state", "commit", "offline", "offline_reason", "rejected",
-                  "warnings", "errors", "fast_path"):
-            setattr(cr, k, result.get(k, getattr(cr, k)))
-        cr.changes = [Change(c["id"], c["changed"], c["failed"], c["msg"], c.get("diff", ""),
-                             c["action"]) for c in result["changes"]]
-        _print(result, args.json, _human_cycle(cr, verb == "plan"))
-        return 0 if cr.state in ("converged", "offline", "planned") and not cr.failed else 1
-    if verb == "history":
-        from .cli import human_history
-
-        _print(result, args.json, human_history(result))
-        return 0
-    _print(result, args.json, f"{result.get('message', 'ok')}\n")
-    return 0
-

@@ -43,6 +43,18 @@ _ENTRY_SHAPE = {"kind": str, "name": str, "digest": str, "path": str, "backup": 
                 "created": bool, "sig": (list, type(None))}
 
 
+def _entry_ok(e: Any) -> bool:
+    """The shape of a manifest entry (_ENTRY_SHAPE), without building a message."""
+    if type(e) is not dict or type(e.get("kind")) is not str or type(e.get("name")) is not str:
+        return False
+    for key in ("digest", "path", "backup"):
+        v = e.get(key)
+        if v is not None and type(v) is not str:
+            return False
+    c, sig = e.get("created"), e.get("sig")
+    return (c is None or type(c) is bool) and (sig is None or type(sig) is list)
+
+
 def _shape(path: str, data: dict, shape: dict, way_out: str, prefix: str = "") -> None:
     """Every known key has its type, and a commit id is 40 hex digits: a state file
     with a wrong shape is as corrupt as one that is not JSON."""
@@ -180,6 +192,8 @@ class StateDir:
                              f"{way_out}")
         _shape(self.p("manifest.json"), data, _MANIFEST_SHAPE, way_out)
         for ident, entry in data["resources"].items():
+            if _entry_ok(entry):
+                continue  # the common case, checked fast: this runs on every no-op cycle
             if not isinstance(entry, dict):
                 raise StateError(f"state: {self.p('manifest.json')} is corrupt: resource "
                                  f"{ident!r} is not an object. {way_out}")

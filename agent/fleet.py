@@ -1,0 +1,106 @@
+"""The fleet side: reading the report drop that hosts write over SFTP.
+
+Owns: loading and validating each host's report (they come from hosts, or from
+whoever can write to the drop, so every field the fleet view reads is checked), one
+row per host, and the rollout summary per commit.
+Must not: print (cli.py formats the rows), or change anything in the drop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+def load_report(path: str) -> tuple[dict[str, Any] | None, str]:
+    """A report and "", or None and why it cannot be used. Reports come from hosts (or
+    whoever can write to the drop): every field the fleet view reads is checked."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except OSError as e:
+        return None, f"cannot read it: {e.strerror}"
+    except ValueError as e:
+        return None, f"not JSON: {e}"
+    if not isinstance(data, dict):
+        return None, "not a JSON object"
+    return (None, why) if (why := _report_problem(data)) else (data, "")
+
+
+def _report_problem(rep: dict[str, Any]) -> str:
+    from .config import host_name_problem
+
+    host = rep.get("host")
+    if not isinstance(host, str) or host_name_problem(host):
+        return f"host {host!r} is not a host name"
+    for key, types in (("state", str), ("applied_commit", (str, type(None))),
+                       ("signer", (str, type(None))), ("rejected", (str, type(None))),
+                       ("last_cycle", (dict, type(None))),
+                       ("offline_since", (int, float, type(None)))):
+        if key in rep and not isinstance(rep[key], types):
+            return f"{key} has the wrong type ({type(rep[key]).__name__})"
+    at = rep.get("reported_at")
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        return f"reported_at {at!r} is not a time in seconds"
+    lc = rep.get("last_cycle") or {}
+    if isinstance(lc.get("failed", 0), bool) or not isinstance(lc.get("failed", 0), int):
+        return "last_cycle.failed is not a number"
+    if not isinstance(lc.get("errors", []), list):
+        return "last_cycle.errors is not a list"
+    return ""
+
+
+def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
+               branch: str = "main", now: float | None = None) -> dict[str, Any]:
+    """One row per host report in reports_dir, and a rollout summary per commit."""
+    now = now or time.time()
+    tip = None
+    repository = None
+    if repo:
+        from .source import open_repo
+
+        repository = open_repo(repo)
+        tip = repository.resolve(branch)
+    rows = []
+    try:
+        names = sorted(n for n in os.listdir(reports_dir)
+                       if n.endswith(".json") and not n.startswith("."))
+    except OSError as e:
+        from .errors import UsageError
+
+        raise UsageError(f"fleet status: cannot read {reports_dir}: {e.strerror}") from None
+    skipped = []
+    for name in names:
+        rep, why = load_report(os.path.join(reports_dir, name))
+        if rep is None:
+            # one bad report must not take the fleet view down: skip it, say which
+            skipped.append(f"skipped {os.path.join(reports_dir, name)}: {why}")
+            continue
+        age = now - float(rep["reported_at"])
+        lc = rep.get("last_cycle") or {}
+        row = {"host": rep.get("host", name[:-5]), "state": rep.get("state"),
+               "commit": rep.get("applied_commit"), "signer": rep.get("signer"),
+               "age": age, "stale": age > stale_after, "offline": bool(rep.get("offline_since")),
+               "failed": lc.get("failed", 0), "errors": lc.get("errors", []),
+               "rejected": rep.get("rejected", "")}
+        if repository is not None and tip is not None and row["commit"]:
+            try:
+                ahead, behind = repository.repo.ahead_behind(tip, row["commit"])
+                row["behind"] = ahead
+            except Exception:  # noqa: BLE001 - a commit the repo does not have
+                row["behind"] = None
+        rows.append(row)
+    summary: dict[str, dict[str, int]] = {}
+    for r in rows:
+        s = summary.setdefault(r["commit"] or "-", {"hosts": 0, "converged": 0, "failed": 0,
+                                                    "stale": 0})
+        s["hosts"] += 1
+        if r["stale"]:
+            s["stale"] += 1
+        elif r["state"] in ("failed", "rejected"):
+            s["failed"] += 1
+        elif r["state"] in ("converged", "offline"):
+            s["converged"] += 1
+    return {"rows": rows, "rollout": summary, "tip": tip, "skipped": skipped}
