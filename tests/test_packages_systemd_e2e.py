@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Fleet, GitDaemon
+from conftest import Fleet, GitDaemon, free_port, ssh_key
 from test_systemd_e2e import agent_yaml, deb  # noqa: F401 - the package fixture
 from testbed import Testbed, available
 
@@ -255,5 +255,25 @@ def test_latest_failing_postinst_and_a_user_made_by_a_package(tmp_path, bed16):
             (bed.root / "etc/sysctl.d/60-gitops-agent.conf").read_text()
         assert Path("/proc/sys/kernel/domainname").read_text() == host_domain
         assert apply()["changed"] == 0  # checked live against /proc/sys: a no-op now
+
+        # issue 13: a user the agent creates logs in over sshd with its authorized key
+        key = ssh_key(tmp_path / "deploy_key")
+        pub = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+        fleet.commit("a user", push=True, files={"roles/app.yaml": "users:\n  deploy:\n"
+                                                 "    shell: /bin/bash\n    groups: [ops]\n"
+                                                 f"    authorized_keys: [\"{pub}\"]\n"
+                                                 "groups: {ops: {gid: 1600}}\n"})
+        res = apply()
+        assert res["state"] == "converged", res
+        port = free_port()
+        bed.run("mkdir", "-p", "/run/sshd")
+        bed.run("/usr/sbin/sshd", "-p", str(port), "-o", "ListenAddress=127.0.0.1")
+        login = subprocess.run(
+            ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes", "-o",
+             "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o",
+             "UserKnownHostsFile=/dev/null", "-F", "/dev/null", "deploy@127.0.0.1",
+             "id -un; id -Gn"], capture_output=True, text=True, timeout=60)
+        assert login.returncode == 0, login.stderr
+        assert login.stdout.split("\n")[0] == "deploy" and "ops" in login.stdout
     finally:
         daemon.stop()

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("GITOPS_TESTBED_CACHE", "/var/cache/gitops-agent-testbed"))
-TARBALL = CACHE / "rootfs-bookworm-v2.tar"
-PACKAGES = "systemd,systemd-sysv,dbus,python3,gpgv,ca-certificates"
+TARBALL = CACHE / "rootfs-bookworm-v3.tar"
+# openssh-server: a user the agent creates logs in with its authorized key (its unit is
+# masked in the image, so nothing listens unless a test starts sshd on 127.0.0.1)
+PACKAGES = "systemd,systemd-sysv,dbus,python3,gpgv,ca-certificates,openssh-server"
 
 
 def _mirror() -> str:
@@ -49,6 +51,13 @@ def ensure_rootfs() -> Path:
                             "bookworm", str(build), _mirror()], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             (build / "etc/hostname").write_text("testbed\n")
+            for unit in ("ssh.service", "ssh.socket", "sshd.service"):
+                link = build / "etc/systemd/system" / unit
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to("/dev/null")  # masked: the testbed shares our network
+            for wants in build.glob("etc/systemd/system/*.wants/ssh*"):
+                wants.unlink()
             subprocess.run(["tar", "-C", str(build), "-cf", str(TARBALL) + ".tmp", "."],
                            check=True)
             os.rename(str(TARBALL) + ".tmp", TARBALL)

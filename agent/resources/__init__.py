@@ -17,10 +17,11 @@ __all__ = ["Change", "Kind", "KINDS", "ROLE_KEYS", "kind"]
 
 
 def _load() -> dict[str, Kind]:
-    from . import files, packages, sysctl, systemd
+    from . import accounts, files, packages, sysctl, systemd
 
     kinds: dict[str, Kind] = {}
-    for module in (files, packages, systemd, sysctl):  # role-key order of a rendered state
+    # role-key order of a rendered state
+    for module in (files, packages, systemd, sysctl, accounts):
         for k in module.KINDS:
             kinds[k.name] = k
     return kinds
