@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .urls import scheme
 from .yamlsrc import LineDict, YamlError, load
 
 DEFAULT_CONFIG = "/etc/gitops-agent/agent.yaml"
@@ -203,7 +204,7 @@ def _convert(kind: tuple, value: Any, where: str, key: str, base: Path) -> Any:
 
 def _url(url: str, base: Path) -> str:
     """A plain relative path is taken relative to the config file, like other paths."""
-    if "://" in url or os.path.isabs(url) or re.match(r"^[\w.-]+@[\w.-]+:", url):
+    if scheme(url) != "local" or url.startswith("file://") or os.path.isabs(url):
         return url
     return str(base / url)
 

@@ -173,7 +173,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
             result.state = "rejected" if result.rejected else "failed"
             return _finish(cfg, state, result, st, dry_run), None
     result.commit = target
-    result.commit_time = mirror.repo[target].commit_time
+    result.commit_time = mirror.commit_time(target)
 
     # render (skipped on the fast path: same commit, same host, nothing drifted)
     from . import facts as facts_mod
@@ -224,7 +224,7 @@ def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
         # the host keeps enforcing last good while the tip cannot be rendered
         target = result.commit = last_good
         result.signer = st.get("last_good_signer")
-        result.commit_time = mirror.repo[target].commit_time
+        result.commit_time = mirror.commit_time(target)
         key = render_key(target, name, labels, facts.digest())
         try:
             desired = render_commit(target)

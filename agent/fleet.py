@@ -86,11 +86,7 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
                "failed": lc.get("failed", 0), "errors": lc.get("errors", []),
                "rejected": rep.get("rejected", "")}
         if repository is not None and tip is not None and row["commit"]:
-            try:
-                ahead, behind = repository.repo.ahead_behind(tip, row["commit"])
-                row["behind"] = ahead
-            except Exception:  # noqa: BLE001 - a commit the repo does not have
-                row["behind"] = None
+            row["behind"] = repository.behind(tip, row["commit"])
         rows.append(row)
     summary: dict[str, dict[str, int]] = {}
     for r in rows:

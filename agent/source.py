@@ -22,6 +22,7 @@ import pygit2
 
 from .config import LimitsConfig, SourceConfig
 from .errors import Exhausted, SourceError, TreeError, UsageError
+from .urls import redact, scheme
 
 log = logging.getLogger("agent.source")
 
@@ -31,16 +32,6 @@ LAST_GOOD_REF = "refs/gitops/last-good"
 MAX_DEPTH = 64  # directories deep, in a commit's tree
 
 _BLOB_MODES = (pygit2.GIT_FILEMODE_BLOB, pygit2.GIT_FILEMODE_BLOB_EXECUTABLE)
-
-
-def redact(url: str) -> str:
-    """Drop any user:password@ part of a URL before it reaches a log or report."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        creds, _, hostpart = rest.partition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}@{hostpart}" if ":" not in creds else f"{scheme}://***@{hostpart}"
-    return url
 
 
 @dataclass
@@ -132,7 +123,7 @@ class Mirror:
                               f"({self.source.fetch_deadline:g}s) reached")
                 break
             try:
-                if _local(url):  # a local path cannot drip: no child needed
+                if scheme(url) == "local":  # a local path cannot drip: no child needed
                     return FetchResult(self._fetch_one(url), url, errors)
                 # in a child, so that the deadline can stop libgit2 mid-transfer
                 from . import isolate
@@ -177,7 +168,7 @@ class Mirror:
         return tip
 
     def _callbacks(self, url: str) -> pygit2.RemoteCallbacks | None:
-        if url.startswith(("ssh://", "https://")) or "@" in url.split("/", 1)[0]:
+        if scheme(url) in ("ssh", "https"):
             from .transport import callbacks_for  # only remote transports need it
 
             return callbacks_for(url, self.source)
@@ -197,6 +188,50 @@ class Mirror:
             return isinstance(self.repo[commit], pygit2.Commit)
         except (KeyError, ValueError):
             return False
+
+    # --- narrow reads for trust, cycle and fleet (nobody else touches pygit2) ------------
+
+    def object_kind(self, oid: str) -> str | None:
+        """"commit", "tag", "tree", "blob", or None when the mirror lacks it."""
+        try:
+            otype = self.repo.odb.read_header(pygit2.Oid(hex=oid))[0]
+        except (KeyError, ValueError, pygit2.GitError):
+            return None
+        return {pygit2.enums.ObjectType.COMMIT: "commit", pygit2.enums.ObjectType.TAG: "tag",
+                pygit2.enums.ObjectType.TREE: "tree",
+                pygit2.enums.ObjectType.BLOB: "blob"}.get(otype, "other")
+
+    def commit_time(self, commit: str) -> int:
+        """The committer time; SourceError when libgit2 cannot parse the commit."""
+        try:
+            return int(self.repo[commit].commit_time)
+        except (KeyError, ValueError, AttributeError, pygit2.GitError):
+            raise SourceError(f"commit {commit[:12]} is a malformed commit object") from None
+
+    def descends(self, commit: str, ancestor: str) -> bool:
+        return commit == ancestor or bool(self.repo.descendant_of(commit, ancestor))
+
+    def history(self, tip: str, hide: str | None = None, limit: int | None = None
+                ) -> list[str]:
+        """Commits reachable from tip (not from hide), children before parents, newest
+        first among siblings."""
+        walker = self.repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL
+                                | pygit2.enums.SortMode.TIME)
+        if hide:
+            walker.hide(hide)
+        out = []
+        for c in walker:
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(str(c.id))
+        return out
+
+    def behind(self, tip: str, commit: str) -> int | None:
+        """How many commits `commit` is behind `tip` (None: not in this repository)."""
+        try:
+            return self.repo.ahead_behind(tip, commit)[0]
+        except (KeyError, ValueError, pygit2.GitError):
+            return None
 
     def resolve(self, rev: str) -> str:
         try:
@@ -247,10 +282,6 @@ def _fetch_head_tip(gitdir: str, branch: str) -> str | None:
     except OSError:
         return None
     return None
-
-
-def _local(url: str) -> bool:
-    return url.startswith(("/", "file://")) or "://" not in url and ":" not in url
 
 
 def _bad_head(gitdir: str) -> str:

@@ -20,6 +20,7 @@ import pygit2
 
 from .config import SourceConfig
 from .errors import SourceError
+from .urls import scheme
 
 _pinned_home: str | None = None
 
@@ -64,7 +65,9 @@ class _Callbacks(pygit2.RemoteCallbacks):
         super().__init__()
         self.url = url
         self.source = source
-        self.parts = urlsplit(url)
+        self.kind = scheme(url)
+        # scp-like git@host:path has no scheme for urlsplit: read it as ssh://
+        self.parts = urlsplit(url if "://" in url else "ssh://" + url.replace(":", "/", 1))
         self.refused: str | None = None
         self.tries = 0
 
@@ -72,7 +75,7 @@ class _Callbacks(pygit2.RemoteCallbacks):
         self.tries += 1
         if self.tries > 3:
             raise SourceError(f"source: authentication to {self.parts.hostname} failed")
-        if self.parts.scheme == "ssh" or "@" in url.split("/", 1)[0]:
+        if self.kind == "ssh":
             key = self.source.ssh_key
             if not key:
                 raise SourceError("source: ssh:// needs source.ssh_key (a deploy key)")
@@ -96,7 +99,7 @@ class _Callbacks(pygit2.RemoteCallbacks):
         if valid:
             return True
         name = host.decode(errors="replace")
-        if self.parts.scheme == "ssh":
+        if self.kind == "ssh":
             fp = offered_fingerprint(self.parts.hostname or name, self.parts.port or 22)
             self.refused = (f"host key of {name} is unknown or changed: the server offered "
                             f"{fp}, which is not in {self.source.known_hosts or '(no known_hosts)'}"
@@ -108,7 +111,7 @@ class _Callbacks(pygit2.RemoteCallbacks):
 
 
 def callbacks_for(url: str, source: SourceConfig) -> pygit2.RemoteCallbacks:
-    if url.startswith("https://"):
+    if scheme(url) == "https":
         # a process-wide libgit2 setting: set it on every https fetch, so a reload that
         # drops ca_bundle goes back to the system store
         if source.ca_bundle:

@@ -332,7 +332,6 @@ def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
 def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any]) -> Verdict:
     """Decide whether `tip` may be applied; raise TrustError (commit, rule, key) if not."""
     last_good = st.get("last_good")
-    repo = mirror.repo
     warnings: list[str] = []
     tip_time = commit_time(mirror, tip)  # a tip that is not a parseable commit stops here
 
@@ -346,7 +345,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
             anchor = _newest_trusted_ancestor(tcfg, mirror, state, last_good)
             why = (f"last good {last_good[:12]} no longer passes the trust files ({lg.reason})"
                    f"; it is not enforced any more")
-            if anchor is None or not repo.descendant_of(tip, anchor) and tip != anchor:
+            if anchor is None or not mirror.descends(tip, anchor):
                 raise TrustError(
                     f"{why}, and tip {tip[:12]} does not descend from a commit that still "
                     f"passes them; push a fix signed by a trusted key", commit=tip,
@@ -363,7 +362,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
         if not mirror.has_commit(last_good):
             raise TrustError(f"last good {last_good[:12]} is missing from the mirror; cannot "
                              f"check ancestry", commit=tip, rule="ancestry")
-        if not repo.descendant_of(tip, last_good):
+        if not mirror.descends(tip, last_good):
             raise TrustError(f"tip {tip[:12]} does not descend from last good {last_good[:12]} "
                              f"(a rewind, force-push or other history); refused "
                              f"(trust.allow_rewind is false)", commit=tip, rule="ancestry")
@@ -399,11 +398,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
                          rule="trust-files")
     commits = [tip]
     if tcfg.require == "all" and anchor and tip != anchor:
-        import pygit2
-
-        walker = repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL)
-        walker.hide(anchor)
-        commits = [str(c.id) for c in walker]
+        commits = mirror.history(tip, hide=anchor)
     verdicts = _verdicts(tcfg, mirror, state, commits, stop_at_bad=True)
     for v in verdicts:
         if not v.good:
@@ -420,24 +415,21 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
 def commit_time(mirror: Any, commit: str) -> int:
     """The committer time of a commit that libgit2 can parse; anything else (a blob or
     tag where the branch should point, a malformed object) is refused as untrusted."""
-    import pygit2
+    from .errors import SourceError
 
-    try:
-        otype = mirror.repo.odb.read_header(pygit2.Oid(hex=commit))[0]
-    except (KeyError, ValueError, pygit2.GitError):
+    kind = mirror.object_kind(commit)
+    if kind is None:
         raise TrustError(f"tip {commit[:12]} is missing from the mirror", commit=commit,
-                         rule="missing") from None
-    if otype != pygit2.enums.ObjectType.COMMIT:
-        name = {pygit2.enums.ObjectType.TAG: "an annotated tag",
-                pygit2.enums.ObjectType.BLOB: "a blob",
-                pygit2.enums.ObjectType.TREE: "a tree"}.get(otype, "not a commit")
-        raise TrustError(f"tip is not a commit: the branch points at {name} ({commit[:12]})",
+                         rule="missing")
+    if kind != "commit":
+        what = {"tag": "an annotated tag", "blob": "a blob", "tree": "a tree"}.get(
+            kind, "not a commit")
+        raise TrustError(f"tip is not a commit: the branch points at {what} ({commit[:12]})",
                          commit=commit, rule="not-a-commit")
     try:
-        return int(mirror.repo[commit].commit_time)
-    except (KeyError, ValueError, pygit2.GitError):
-        raise TrustError(f"commit {commit[:12]} is a malformed commit object", commit=commit,
-                         rule="malformed-commit") from None
+        return mirror.commit_time(commit)
+    except SourceError as e:
+        raise TrustError(str(e), commit=commit, rule="malformed-commit") from None
 
 
 def _verdicts(tcfg: TrustConfig, mirror: Any, state: Any, commits: list[str],
@@ -484,14 +476,7 @@ def _cache_warnings(state: Any) -> list[str]:
 def _newest_trusted_ancestor(tcfg: TrustConfig, mirror: Any, state: Any, commit: str,
                              limit: int = 1000) -> str | None:
     """The newest ancestor of `commit` that passes the trust files as they are now."""
-    import pygit2
-
-    walker = mirror.repo.walk(commit, pygit2.enums.SortMode.TOPOLOGICAL
-                              | pygit2.enums.SortMode.TIME)
-    for n, c in enumerate(walker):
-        if n >= limit:
-            break
-        cid = str(c.id)
+    for cid in mirror.history(commit, limit=limit):
         if cid != commit and _verdicts(tcfg, mirror, state, [cid])[0].good:
             return cid
     return None
