@@ -105,171 +105,228 @@ def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
 
 def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
          should_stop: Callable[[], bool], hosts: list[Any]) -> tuple[CycleResult, Any]:
-    from .source import LAST_GOOD_REF, Mirror
+    cycle = _Cycle(cfg, state, dry_run, fetch, should_stop, hosts)
+    try:
+        cycle.fetch()
+        cycle.verify()
+        cycle.prepare()
+        cycle.render()
+        cycle.converge()
+    except _Done:
+        pass
+    return _finish(cfg, state, cycle.result, cycle.st, dry_run), cycle.plan
 
-    result = CycleResult(started=time.time())
-    st = state.load_state()
-    manifest = state.load_manifest()
-    last_good = st.get("last_good")
-    result.last_good = last_good
-    mirror = Mirror(state.mirror_path, cfg.source)
 
-    # fetch
-    tip = None
-    if fetch:
-        fetched = mirror.fetch(should_stop)
-        if (last_good and not mirror.rebuilt
-                and (fetched.offline or not mirror.has_commit(last_good))):
-            problem = mirror.problem([last_good])
+class _Done(Exception):
+    """A stage decided the outcome of the cycle: record it and stop."""
+
+
+class _Cycle:
+    """One cycle's shared context; one method per stage, in the order _run calls them."""
+
+    def __init__(self, cfg: Config, state: Any, dry_run: bool, fetch: bool,
+                 should_stop: Callable[[], bool], hosts: list[Any]) -> None:
+        from .source import Mirror
+
+        self.cfg, self.state, self.dry_run, self.fetching = cfg, state, dry_run, fetch
+        self.should_stop, self.hosts = should_stop, hosts
+        self.result = CycleResult(started=time.time())
+        self.st = state.load_state()
+        self.manifest = state.load_manifest()
+        self.last_good: str | None = self.st.get("last_good")
+        self.result.last_good = self.last_good
+        self.mirror = Mirror(state.mirror_path, cfg.source)
+        self.tip: str | None = None
+        self.target: str = ""
+        self.plan: Any = None
+        self.desired: Any = None
+
+    def _last_good_here(self) -> bool:
+        return bool(self.last_good) and self.mirror.has_commit(self.last_good)
+
+    def _use_last_good(self, why: str) -> None:
+        assert self.last_good is not None
+        self.target = self.result.commit = self.last_good
+        self.result.signer = self.st.get("last_good_signer")
+        self.result.commit_time = self.mirror.commit_time(self.last_good)
+        log.warning("cycle: converging last good %s (%s)", self.last_good[:12], why,
+                    extra={"COMMIT": self.last_good, "STAGE": "fetch"})
+
+    # --- fetch ---------------------------------------------------------------------------
+
+    def fetch(self) -> None:
+        result, mirror = self.result, self.mirror
+        if not self.fetching:
+            self.tip = result.tip = self.last_good
+            return
+        fetched = mirror.fetch(self.should_stop)
+        if (self.last_good and not mirror.rebuilt
+                and (fetched.offline or not mirror.has_commit(self.last_good))):
+            problem = mirror.problem([self.last_good])
             if problem:  # a damaged mirror never heals by itself: start it anew
                 mirror.rebuild(problem)
-                fetched = mirror.fetch(should_stop)
-        tip = fetched.tip
+                fetched = mirror.fetch(self.should_stop)
         if mirror.rebuilt:
             result.warnings.append(mirror.rebuilt)
         if fetched.offline:
             result.offline = True
             result.offline_reason = "; ".join(fetched.errors)
-    else:
-        tip = last_good
-    result.tip = tip
+        self.tip = result.tip = fetched.tip
 
-    # verify: only a trusted commit's tree is ever read. Offline, last good itself is
-    # checked against the trust files as they are now (a revoked key's commit is no
-    # longer enforced, online or not).
-    target = None
-    last_good_bad = False
-    check = tip if tip is not None else (last_good if last_good and mirror.has_commit(last_good)
-                                         else None)
-    if check is not None:
+    # --- verify: only a trusted commit's tree is ever read -------------------------------
+
+    def verify(self) -> None:
+        """Offline, last good itself is checked against the trust files as they are now
+        (a revoked key's commit is no longer enforced, online or not)."""
         from . import trust
 
+        result = self.result
+        check = self.tip if self.tip is not None else (
+            self.last_good if self._last_good_here() else None)
+        last_good_bad = False
+        if check is not None:
+            try:
+                verdict = trust.gate(self.cfg.trust, self.mirror, self.state, check, self.st)
+                self.target = result.commit = check
+                result.signer = verdict.signer
+                result.warnings.extend(verdict.warnings)
+                result.commit_time = self.mirror.commit_time(check)
+                if self.tip is None:
+                    log.warning("cycle: converging last good %s (%s)", check[:12],
+                                result.offline_reason,
+                                extra={"COMMIT": check, "STAGE": "fetch"})
+                return
+            except TrustError as e:
+                result.rejected = str(e)
+                last_good_bad = e.last_good_bad or check == self.last_good
+                log.error("verify: %s", e, extra={"COMMIT": check, "STAGE": "verify"})
+        if self._last_good_here() and not last_good_bad:
+            self._use_last_good(result.rejected or result.offline_reason)
+            return
+        result.errors.append(result.rejected or f"offline with no last good revision to "
+                                                f"converge: {result.offline_reason}")
+        if last_good_bad:
+            result.errors.append(f"last good {(self.last_good or '')[:12]} is no longer "
+                                 f"enforced: nothing is converged until a trusted tip arrives")
+        result.state = "rejected" if result.rejected else "failed"
+        raise _Done
+
+    # --- the host, and the fast path ------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Same commit, same host, nothing drifted: done without rendering."""
+        from . import facts as facts_mod
+        from .converge import clean
+        from .host import Host
+
+        self.host = Host(self.cfg.root)
+        self.hosts.append(self.host)
         try:
-            verdict = trust.gate(cfg.trust, mirror, state, check, st)
-            target = check
-            result.signer = verdict.signer
-            result.warnings.extend(verdict.warnings)
-        except TrustError as e:
-            result.rejected = str(e)
-            last_good_bad = e.last_good_bad or check == last_good
-            log.error("verify: %s", e, extra={"COMMIT": check, "STAGE": "verify"})
-    if target is not None and tip is None:
-        log.warning("cycle: converging last good %s (%s)", last_good[:12],
-                    result.offline_reason, extra={"COMMIT": last_good, "STAGE": "fetch"})
-    if target is None:
-        if last_good and mirror.has_commit(last_good) and not last_good_bad:
-            target = last_good
-            result.signer = st.get("last_good_signer")
-            why = result.rejected or result.offline_reason
-            log.warning("cycle: converging last good %s (%s)", last_good[:12], why,
-                        extra={"COMMIT": last_good, "STAGE": "fetch"})
-        else:
-            result.errors.append(result.rejected or
-                                 f"offline with no last good revision to converge: "
-                                 f"{result.offline_reason}")
-            if last_good_bad:
-                result.errors.append(f"last good {last_good[:12]} is no longer enforced: "
-                                     f"nothing is converged until a trusted tip arrives")
-            result.state = "rejected" if result.rejected else "failed"
-            return _finish(cfg, state, result, st, dry_run), None
-    result.commit = target
-    result.commit_time = mirror.commit_time(target)
+            self.host.check_root()
+        except AgentError as e:
+            self.result.errors.append(str(e))
+            raise _Done from None
+        self.name, self.labels = host_identity(self.cfg)
+        self.facts = facts_mod.gather()
+        self.key = render_key(self.target, self.name, self.labels, self.facts.digest())
+        self.now = time.time()
+        self.full_check = self.now - self.manifest.get("full_check_at", 0) >= self.cfg.full_check
+        if (not self.dry_run and not self.full_check
+                and self.manifest.get("commit") == self.target
+                and self.manifest.get("render_key") == self.key
+                and clean(self.manifest, self.host)):
+            self.result.fast_path = True
+            self.result.state = _final_state(self.result)
+            raise _Done
 
-    # render (skipped on the fast path: same commit, same host, nothing drifted)
-    from . import facts as facts_mod
-    from .converge import Converger, clean
-    from .host import Host
+    # --- render ----------------------------------------------------------------------------
 
-    host = Host(cfg.root)
-    hosts.append(host)
-    try:
-        host.check_root()
-    except AgentError as e:
-        result.errors.append(str(e))
-        return _finish(cfg, state, result, st, dry_run), None
-    name, labels = host_identity(cfg)
-    facts = facts_mod.gather()
-    key = render_key(target, name, labels, facts.digest())
-    now = time.time()
-    full_check = now - manifest.get("full_check_at", 0) >= cfg.full_check
-    if (not dry_run and not full_check and manifest.get("commit") == target
-            and manifest.get("render_key") == key and clean(manifest, host)):
-        result.fast_path = True
-        result.state = _final_state(result)
-        return _finish(cfg, state, result, st, dry_run), None
+    def _render(self, commit: str) -> Any:
+        from .render import render
 
-    from .render import render
+        return render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
+                      self.facts, self.state.p("jinja-cache"), self.should_stop)
 
-    def render_commit(commit: str) -> Any:
-        return render(mirror.tree(commit, cfg.limits), name, labels, facts,
-                      state.p("jinja-cache"), should_stop)
-
-    try:
+    def _render_healing(self, commit: str) -> Any:
+        """Render; if the mirror turns out damaged, fetch it anew and render once more."""
         try:
-            desired = render_commit(target)
+            return self._render(commit)
         except (RenderError, SourceError):
-            problem = "" if mirror.rebuilt or not fetch else mirror.problem([target])
+            mirror = self.mirror
+            problem = "" if mirror.rebuilt or not self.fetching else mirror.problem([commit])
             if not problem:
                 raise
-            mirror.rebuild(problem)  # damaged objects: fetch them again, render again
-            result.warnings.append(mirror.rebuilt)
-            if mirror.fetch(should_stop).tip is None or not mirror.has_commit(target):
+            mirror.rebuild(problem)
+            self.result.warnings.append(mirror.rebuilt)
+            if mirror.fetch(self.should_stop).tip is None or not mirror.has_commit(commit):
                 raise
-            desired = render_commit(target)
-    except (RenderError, SourceError) as e:
-        result.errors.append(str(e))
-        log.error("%s", e, extra={"COMMIT": target, "STAGE": "render"})
-        if not last_good or target == last_good or not mirror.has_commit(last_good):
-            return _finish(cfg, state, result, st, dry_run), None
-        # the host keeps enforcing last good while the tip cannot be rendered
-        target = result.commit = last_good
-        result.signer = st.get("last_good_signer")
-        result.commit_time = mirror.commit_time(target)
-        key = render_key(target, name, labels, facts.digest())
+            return self._render(commit)
+
+    def render(self) -> None:
+        """A tip that cannot be rendered leaves the host on last good (the cycle fails)."""
+        result = self.result
         try:
-            desired = render_commit(target)
+            self.desired = self._render_healing(self.target)
+            return
+        except (RenderError, SourceError) as e:
+            result.errors.append(str(e))
+            log.error("%s", e, extra={"COMMIT": self.target, "STAGE": "render"})
+        if self.target == self.last_good or not self._last_good_here():
+            raise _Done
+        self._use_last_good("the tip cannot be rendered")
+        self.key = render_key(self.target, self.name, self.labels, self.facts.digest())
+        try:
+            self.desired = self._render(self.target)
         except (RenderError, SourceError) as e2:
-            result.errors.append(f"last good {target[:12]}: {e2}")
-            return _finish(cfg, state, result, st, dry_run), None
+            result.errors.append(f"last good {self.target[:12]}: {e2}")
+            raise _Done from None
 
-    conv = Converger(host, state, manifest, full_check=full_check or dry_run,
-                     package_backend=None if cfg.package_backend == "auto"
-                     else cfg.package_backend)
-    plan = conv.plan(desired)
-    escapes = [c for c in plan.changes if c.data.get("refused")]
-    if escapes:
-        # a target that leads out of root is an attack or a broken host: change nothing
-        for c in plan.changes:
-            if c.changed and not c.failed:  # planned, never applied: not "changed"
-                c.changed, c.msg = False, f"not applied (cycle refused): {c.msg}"
-        result.changes = plan.changes
-        result.errors.extend(f"{c.id}: {c.msg}" for c in escapes)
-        return _finish(cfg, state, result, st, dry_run), plan
-    if dry_run:
-        result.changes = plan.changes
-        result.processes = host.spawned
-        result.state = "planned"
-        return _finish(cfg, state, result, st, dry_run), plan
+    # --- plan, converge, record ------------------------------------------------------------
 
-    changes, new_resources = conv.converge(plan, should_stop)
-    result.changes = changes
-    result.processes = host.spawned
-    checked_at = now if full_check else manifest.get("full_check_at", now)
-    try:
-        state.save_manifest({"commit": target, "render_key": key, "full_check_at": checked_at,
-                             "host": name, "resources": new_resources})
-    except AgentError as e:
-        result.errors.append(str(e))  # not recorded: last good must not move either
-    if result.ok:
-        if target != last_good:
-            st["last_good"] = target
-            st["last_good_time"] = time.time()
-            st["last_good_signer"] = result.signer
-            st["last_good_committer_time"] = result.commit_time
-            mirror.set_ref(LAST_GOOD_REF, target)
-        result.last_good = target
-    result.state = _final_state(result)
-    return _finish(cfg, state, result, st, dry_run), plan
+    def converge(self) -> None:
+        from .converge import Converger
+        from .source import LAST_GOOD_REF
+
+        result, cfg = self.result, self.cfg
+        conv = Converger(self.host, self.state, self.manifest,
+                         full_check=self.full_check or self.dry_run,
+                         package_backend=None if cfg.package_backend == "auto"
+                         else cfg.package_backend)
+        self.plan = plan = conv.plan(self.desired)
+        escapes = [c for c in plan.changes if c.data.get("refused")]
+        if escapes:
+            # a target that leads out of root is an attack or a broken host: change nothing
+            for c in plan.changes:
+                if c.changed and not c.failed:  # planned, never applied: not "changed"
+                    c.changed, c.msg = False, f"not applied (cycle refused): {c.msg}"
+            result.changes = plan.changes
+            result.errors.extend(f"{c.id}: {c.msg}" for c in escapes)
+            raise _Done
+        if self.dry_run:
+            result.changes = plan.changes
+            result.processes = self.host.spawned
+            result.state = "planned"
+            raise _Done
+        changes, new_resources = conv.converge(plan, self.should_stop)
+        result.changes = changes
+        result.processes = self.host.spawned
+        checked_at = self.now if self.full_check else self.manifest.get("full_check_at",
+                                                                          self.now)
+        try:
+            self.state.save_manifest({"commit": self.target, "render_key": self.key,
+                                      "full_check_at": checked_at, "host": self.name,
+                                      "resources": new_resources})
+        except AgentError as e:
+            result.errors.append(str(e))  # not recorded: last good must not move either
+        if result.ok:
+            if self.target != self.last_good:
+                self.st["last_good"] = self.target
+                self.st["last_good_time"] = time.time()
+                self.st["last_good_signer"] = result.signer
+                self.st["last_good_committer_time"] = result.commit_time
+                self.mirror.set_ref(LAST_GOOD_REF, self.target)
+            result.last_good = self.target
+        result.state = _final_state(result)
 
 
 def _final_state(result: CycleResult) -> str:
