@@ -126,6 +126,7 @@ class _Cycle:
 
     def __init__(self, cfg: Config, state: Any, dry_run: bool, fetch: bool,
                  should_stop: Callable[[], bool], hosts: list[Any]) -> None:
+        from .host import Host
         from .source import Mirror
 
         self.cfg, self.state, self.dry_run, self.fetching = cfg, state, dry_run, fetch
@@ -136,6 +137,8 @@ class _Cycle:
         self.last_good: str | None = self.st.get("last_good")
         self.result.last_good = self.last_good
         self.mirror = Mirror(state.mirror_path, cfg.source)
+        self.host = Host(cfg.root)  # the one gate to the OS, gpgv included
+        hosts.append(self.host)
         self.tip: str | None = None
         self.target: str = ""
         self.plan: Any = None
@@ -186,7 +189,8 @@ class _Cycle:
         last_good_bad = False
         if check is not None:
             try:
-                verdict = trust.gate(self.cfg.trust, self.mirror, self.state, check, self.st)
+                verdict = trust.gate(self.cfg.trust, self.mirror, self.state, check, self.st,
+                                     self.host)
                 self.target = result.commit = check
                 result.signer = verdict.signer
                 result.warnings.extend(verdict.warnings)
@@ -217,10 +221,7 @@ class _Cycle:
         """Same commit, same host, nothing drifted: done without rendering."""
         from . import facts as facts_mod
         from .converge import clean
-        from .host import Host
 
-        self.host = Host(self.cfg.root)
-        self.hosts.append(self.host)
         try:
             self.host.check_root()
         except AgentError as e:

@@ -130,9 +130,10 @@ class Verifier:
     """Verdicts for single commits, from the local trust files of agent.yaml."""
 
     def __init__(self, allowed_signers: str | None = None, gpg_keyring: str | None = None,
-                 revoked_keys: str | None = None) -> None:
+                 revoked_keys: str | None = None, host: Any = None) -> None:
         from . import sshsig
 
+        self.host = host  # gpgv runs through the cycle's host gate (and is counted there)
         self.warnings: list[str] = []
         self.signers = sshsig.AllowedSigners()
         self.revoked: set[str] = set()
@@ -183,7 +184,7 @@ class Verifier:
             raise TrustError(f"commit {commit[:12]} has an OpenPGP signature and no "
                              f"trust.gpg_keyring is configured", commit=commit,
                              rule="untrusted-key")
-        status = gpgv(self.gpg_keyring, sc.signature or "", sc.payload)
+        status = gpgv(self.gpg_keyring, sc.signature or "", sc.payload, self.host)
         return _gpg_verdict(status, commit)
 
 
@@ -265,7 +266,7 @@ def _dearmor_pgp(data: bytes) -> bytes:
     return out
 
 
-def gpgv(keyring: str, signature: str, payload: bytes) -> list[list[str]]:
+def gpgv(keyring: str, signature: str, payload: bytes, host: Any = None) -> list[list[str]]:
     """Run gpgv with --status-fd; return its `[GNUPG:] KEYWORD args` lines, split."""
     with tempfile.TemporaryDirectory(prefix="gitops-gpgv-") as tmp:
         ring = os.path.join(tmp, "trusted.gpg")
@@ -279,8 +280,8 @@ def gpgv(keyring: str, signature: str, payload: bytes) -> list[list[str]]:
             f.write(payload)
         from .host import Host
 
-        p = Host().run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring", ring, sig,
-                        data], timeout=60)
+        p = (host or Host()).run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring",
+                                  ring, sig, data], timeout=60)
         if p.returncode == 127:
             raise TrustError("gpgv is not installed (package gpgv)", rule="gpgv")
     return [line.split()[1:] for line in p.stdout.decode(errors="replace").splitlines()
@@ -329,7 +330,8 @@ def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
 # --- policy ----------------------------------------------------------------------------
 
 
-def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any]) -> Verdict:
+def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any],
+         host: Any = None) -> Verdict:
     """Decide whether `tip` may be applied; raise TrustError (commit, rule, key) if not."""
     last_good = st.get("last_good")
     warnings: list[str] = []
@@ -340,9 +342,9 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
     if last_good and tip != last_good and tcfg.unsigned != "allow":
         # last good must still pass the trust files as they are now: a key removed from
         # allowed_signers takes its commits' standing with it
-        lg = _verdicts(tcfg, mirror, state, [last_good])[0]
+        lg = _verdicts(tcfg, mirror, state, [last_good], host=host)[0]
         if not lg.good:
-            anchor = _newest_trusted_ancestor(tcfg, mirror, state, last_good)
+            anchor = _newest_trusted_ancestor(tcfg, mirror, state, last_good, host)
             why = (f"last good {last_good[:12]} no longer passes the trust files ({lg.reason})"
                    f"; it is not enforced any more")
             if anchor is None or not mirror.descends(tip, anchor):
@@ -399,7 +401,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
     commits = [tip]
     if tcfg.require == "all" and anchor and tip != anchor:
         commits = mirror.history(tip, hide=anchor)
-    verdicts = _verdicts(tcfg, mirror, state, commits, stop_at_bad=True)
+    verdicts = _verdicts(tcfg, mirror, state, commits, stop_at_bad=True, host=host)
     for v in verdicts:
         if not v.good:
             where = "" if v.commit == tip else f" (in the range to tip {tip[:12]}, require: all)"
@@ -433,7 +435,7 @@ def commit_time(mirror: Any, commit: str) -> int:
 
 
 def _verdicts(tcfg: TrustConfig, mirror: Any, state: Any, commits: list[str],
-              stop_at_bad: bool = False) -> list[Verdict]:
+              stop_at_bad: bool = False, host: Any = None) -> list[Verdict]:
     """Verdicts of `commits` under the trust files as they are now, through the cache
     (keyed by the digest of the trust files: editing them invalidates every verdict)."""
     paths = (tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
@@ -455,7 +457,7 @@ def _verdicts(tcfg: TrustConfig, mirror: Any, state: Any, commits: list[str],
                         cached.get("reason", ""), cached.get("rule", ""))
         else:
             if verifier is None:
-                verifier = Verifier(*paths)
+                verifier = Verifier(*paths, host=host)
                 cache["warnings"] = verifier.warnings
             v = verifier.verify(mirror.raw_commit(commit), commit)
             cache["verdicts"][commit] = {"good": v.good, "signer": v.signer, "key": v.key,
@@ -474,10 +476,10 @@ def _cache_warnings(state: Any) -> list[str]:
 
 
 def _newest_trusted_ancestor(tcfg: TrustConfig, mirror: Any, state: Any, commit: str,
-                             limit: int = 1000) -> str | None:
+                             host: Any = None, limit: int = 1000) -> str | None:
     """The newest ancestor of `commit` that passes the trust files as they are now."""
     for cid in mirror.history(commit, limit=limit):
-        if cid != commit and _verdicts(tcfg, mirror, state, [cid])[0].good:
+        if cid != commit and _verdicts(tcfg, mirror, state, [cid], host=host)[0].good:
             return cid
     return None
 
