@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import random
@@ -110,36 +109,23 @@ class Daemon:
 
     # --- pause -------------------------------------------------------------------------
 
-    @property
-    def pause_path(self) -> str:
-        return os.path.join(self.cfg.state_dir, "pause.json")
-
     def paused(self) -> dict | None:
-        try:
-            with open(self.pause_path) as f:
-                data = json.load(f)
-            return data if isinstance(data, dict) else {"reason": "?"}
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            # unreadable pause file: stay paused, loudly; resume rewrites it
-            return {"reason": f"{self.pause_path} is unreadable; `gitops-agent resume` clears it"}
+        from .state import StateDir
+
+        return StateDir(self.cfg.state_dir).load_pause()
 
     def pause(self, reason: str, uid: int) -> dict:
-        from .host import write_atomic
+        from .state import StateDir
 
-        os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
-        data = {"reason": reason or "paused by operator", "since": time.time(), "uid": uid}
-        write_atomic(self.pause_path, json.dumps(data).encode(), mode=0o600)
+        data = StateDir(self.cfg.state_dir).save_pause(reason or "paused by operator", uid)
         log.warning("daemon: paused by uid %d: %s", uid, data["reason"],
                     extra={"STAGE": "pause"})
         return data
 
     def resume(self) -> None:
-        try:
-            os.unlink(self.pause_path)
-        except FileNotFoundError:
-            pass
+        from .state import StateDir
+
+        StateDir(self.cfg.state_dir).clear_pause()
         log.info("daemon: resumed", extra={"STAGE": "pause"})
         self.trigger("resume")
 

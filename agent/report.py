@@ -8,11 +8,12 @@ Must not: delay or fail a cycle; every sink swallows and logs its own errors.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any
+
+from .state import StateDir
 
 log = logging.getLogger("agent.report")
 
@@ -77,8 +78,6 @@ def status_json(cfg: Any, last: Any, **live: Any) -> dict[str, Any]:
     from . import __version__
     from .cycle import host_identity
     from .errors import AgentError
-    from .state import StateDir
-
     st: dict[str, Any] = {}
     try:
         st = StateDir(cfg.state_dir).load_state()
@@ -126,76 +125,17 @@ def after_cycle(cfg: Any, status: dict[str, Any], last: Any) -> None:
         except OSError as e:
             log.warning("report: cannot write %s: %s", cfg.report.metrics_textfile, e)
     if cfg.report.sftp is not None:
-        ReportQueue(cfg.state_dir).put(status)
+        StateDir(cfg.state_dir).report_queue().put(status)
 
 
 def _count_rejections(cfg: Any) -> int:
     try:
-        from .state import StateDir
-
-        return sum(1 for e in StateDir(cfg.state_dir).history(0) if e.get("rejected"))
+            return sum(1 for e in StateDir(cfg.state_dir).history(0) if e.get("rejected"))
     except Exception:  # noqa: BLE001 - a metric is not worth failing over
         return 0
 
 
 # --- the report queue and the SFTP drop ---------------------------------------------------
-
-
-class ReportQueue:
-    """Reports waiting to be sent, one file each, numbered, oldest first; bounded to the
-    newest `keep` so a host offline for weeks does not fill its disk."""
-
-    def __init__(self, state_dir: str, keep: int = 50) -> None:
-        self.dir = os.path.join(state_dir, "report-queue")
-        self.keep = keep
-
-    def _names(self) -> list[str]:
-        try:
-            return sorted(n for n in os.listdir(self.dir) if n.endswith(".json"))
-        except FileNotFoundError:
-            return []
-
-    def put(self, status: dict[str, Any]) -> int:
-        from .host import write_atomic
-
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        names = self._names()
-        seq = int(names[-1].split(".")[0]) + 1 if names else self._next_seq()
-        report = {**status, "seq": seq, "reported_at": time.time()}
-        write_atomic(os.path.join(self.dir, f"{seq:012d}.json"),
-                     json.dumps(report, default=str).encode(), mode=0o600)
-        for old in self._names()[:-self.keep]:
-            os.unlink(os.path.join(self.dir, old))
-        self._save_seq(seq + 1)
-        return seq
-
-    def _next_seq(self) -> int:
-        try:
-            with open(os.path.join(self.dir, "next")) as f:
-                return int(f.read().strip() or 1)
-        except (OSError, ValueError):
-            return 1
-
-    def _save_seq(self, seq: int) -> None:
-        from .host import write_atomic
-
-        write_atomic(os.path.join(self.dir, "next"), str(seq).encode(), mode=0o600)
-
-    def pending(self) -> list[tuple[str, bytes]]:
-        out = []
-        for name in self._names():
-            try:
-                with open(os.path.join(self.dir, name), "rb") as f:
-                    out.append((name, f.read()))
-            except OSError:
-                continue
-        return out
-
-    def done(self, name: str) -> None:
-        try:
-            os.unlink(os.path.join(self.dir, name))
-        except FileNotFoundError:
-            pass
 
 
 async def flush_sftp(cfg: Any, host: str, timeout: float = 20.0) -> int:
@@ -205,7 +145,7 @@ async def flush_sftp(cfg: Any, host: str, timeout: float = 20.0) -> int:
     import asyncssh
 
     sftp_cfg = cfg.report.sftp
-    queue = ReportQueue(cfg.state_dir)
+    queue = StateDir(cfg.state_dir).report_queue()
     pending = queue.pending()
     if not pending:
         return 0

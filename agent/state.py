@@ -212,6 +212,31 @@ class StateDir:
     def save_verdicts(self, data: dict[str, Any]) -> None:
         self._write_json("verdicts.json", data)
 
+    # --- pause (persisted across restarts, with its reason) --------------------------------
+
+    def load_pause(self) -> dict[str, Any] | None:
+        path = self.p("pause.json")
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+            return data if isinstance(data, dict) else {"reason": "?"}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            # unreadable pause file: stay paused, loudly; resume rewrites it
+            return {"reason": f"{path} is unreadable; `gitops-agent resume` clears it"}
+
+    def save_pause(self, reason: str, uid: int) -> dict[str, Any]:
+        data = {"reason": reason, "since": time.time(), "uid": uid}
+        self._write_json("pause.json", data)
+        return data
+
+    def clear_pause(self) -> None:
+        try:
+            os.unlink(self.p("pause.json"))
+        except FileNotFoundError:
+            pass
+
     # --- history -----------------------------------------------------------------------
 
     def append_history(self, entry: dict[str, Any], keep: int = 1000) -> None:
@@ -269,5 +294,61 @@ class StateDir:
     def drop_backup(self, name: str) -> None:
         try:
             os.unlink(self.p(name))
+        except FileNotFoundError:
+            pass
+
+    def report_queue(self) -> ReportQueue:
+        return ReportQueue(self.path)
+
+
+class ReportQueue:
+    """Reports waiting to be sent, one file each, numbered, oldest first; bounded to the
+    newest `keep` so a host offline for weeks does not fill its disk."""
+
+    def __init__(self, state_dir: str, keep: int = 50) -> None:
+        self.dir = os.path.join(state_dir, "report-queue")
+        self.keep = keep
+
+    def _names(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.dir) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+
+    def put(self, status: dict[str, Any]) -> int:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        names = self._names()
+        seq = int(names[-1].split(".")[0]) + 1 if names else self._next_seq()
+        report = {**status, "seq": seq, "reported_at": time.time()}
+        write_atomic(os.path.join(self.dir, f"{seq:012d}.json"),
+                     json.dumps(report, default=str).encode(), mode=0o600)
+        for old in self._names()[:-self.keep]:
+            os.unlink(os.path.join(self.dir, old))
+        self._save_seq(seq + 1)
+        return seq
+
+    def _next_seq(self) -> int:
+        try:
+            with open(os.path.join(self.dir, "next")) as f:
+                return int(f.read().strip() or 1)
+        except (OSError, ValueError):
+            return 1
+
+    def _save_seq(self, seq: int) -> None:
+        write_atomic(os.path.join(self.dir, "next"), str(seq).encode(), mode=0o600)
+
+    def pending(self) -> list[tuple[str, bytes]]:
+        out = []
+        for name in self._names():
+            try:
+                with open(os.path.join(self.dir, name), "rb") as f:
+                    out.append((name, f.read()))
+            except OSError:
+                continue
+        return out
+
+    def done(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.dir, name))
         except FileNotFoundError:
             pass
