@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RenderError
 from ..model import Change, Resource, identity
-from . import files as file_res
 from .base import Env, Kind, ParseCtx, parse_names
+from .files import Ctx as FileCtx
+from .files import apply as file_apply
+from .files import check as file_check
+from .files import prune as file_prune
 
 if TYPE_CHECKING:
     from ..host import Host
@@ -227,16 +230,16 @@ class UnitKind(Kind):
         return Resource("file", unit_path(res.name), {"state": "present", "mode": "0644"},
                         res.origin, res.content)
 
-    def _ctx(self, ident: str, env: Env) -> file_res.Ctx:
-        return file_res.Ctx(env.host, env.state, env.old.get(ident, {}))
+    def _ctx(self, ident: str, env: Env) -> FileCtx:
+        return FileCtx(env.host, env.state, env.old.get(ident, {}))
 
     def check(self, res: Resource, observed: Any, env: Env) -> Change:
-        change = file_res.check(self._as_file(res), self._ctx(res.identity, env))
+        change = file_check(self._as_file(res), self._ctx(res.identity, env))
         change.id = res.identity
         return change
 
     def apply_one(self, res: Resource, planned: Change, env: Env) -> Change:
-        change = file_res.apply(self._as_file(res), self._ctx(res.identity, env))
+        change = file_apply(self._as_file(res), self._ctx(res.identity, env))
         change.id = res.identity
         if change.changed and not change.failed:
             env.flags["units_changed"] = True
@@ -247,7 +250,7 @@ class UnitKind(Kind):
         done = ""
         if not dry and env.host.lstat(path) is not None:
             done = _systemd(env).stop_and_disable(entry["name"]) + ", "
-        change = file_res.prune(ident, path, entry, self._ctx(ident, env), dry=dry)
+        change = file_prune(ident, path, entry, self._ctx(ident, env), dry=dry)
         if change.changed:
             if done:
                 change.msg = done + change.msg
