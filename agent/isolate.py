@@ -41,6 +41,11 @@ def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: i
         code = 0
         try:
             os.close(r)
+            # the daemon's signal handlers and its event loop's wakeup fd are not this
+            # child's: a signal here must not look like one to the agent
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
             if memory is not None:
                 limit = _vsize() + memory
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
