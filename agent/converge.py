@@ -114,7 +114,8 @@ class Converger:
             change = _guard(ident, lambda k=kind, i=ident, e=entry: k.prune(
                 i, e, self.env, dry=True) or Change(i, data={"keep": True}))
             if not change.data.get("keep"):  # None: the kind leaves it as it is
-                plan.steps.append(Step(change, prune_entry=entry, stage=kind.stage))
+                stage = kind.stage if kind.prune_stage is None else kind.prune_stage
+                plan.steps.append(Step(change, prune_entry=entry, stage=stage))
         plan.steps.sort(key=lambda s: s.stage)  # stable: declared before prunes in a stage
         return plan
 

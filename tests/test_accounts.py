@@ -109,6 +109,16 @@ def test_users_groups_and_a_file_they_own_in_one_cycle(tmp_path):
     assert (root / "home/deploy").is_dir()
 
 
+def test_a_user_and_its_primary_group_dropped_together(tmp_path):
+    fleet, root, cfg = _env(tmp_path, {"groups": {"svc": {"gid": 1700}},
+                                       "users": {"svc": {"group": "svc"}}})
+    agent("apply", "--config", str(cfg), check=0)
+    assert ac.parse_passwd((root / "etc/passwd").read_text())["svc"]["gid"] == 1700
+    fleet.commit("gone", push=True, files={"roles/r.yaml": yaml.safe_dump({"files": {}})})
+    agent("apply", "--config", str(cfg), check=0)  # userdel first, then groupdel
+    assert "svc" not in ac.parse_group((root / "etc/group").read_text())
+
+
 def test_a_user_that_was_there_before_is_never_deleted(tmp_path):
     fleet, root, cfg = _env(tmp_path, {"users": {"admin": {"shell": "/bin/sh"}}},
                             etc={"passwd": "admin:x:1000:1000::/home/admin:/bin/bash\n",

@@ -103,6 +103,7 @@ class GroupKind(Kind):
     name = "group"
     role_key = "groups"
     stage = 10
+    prune_stage = 12  # after users: a group dropped with its user may be its primary group
 
     def parse(self, name: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
         if not isinstance(name, str) or not _NAME.match(name):

@@ -64,6 +64,7 @@ class Kind:
     name = ""
     role_key = ""  # the key in roles/hosts files that declares it ("" = through another)
     stage = 0  # cycle order: lower first (see STAGES in resources/__init__.py)
+    prune_stage: int | None = None  # when its prunes run (default: its stage)
     by_path = False  # a path on the host: ordered parents first, stat-signed, drift-watched
     batch = False  # apply() gets every planned step of the kind in one call
 
