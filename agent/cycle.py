@@ -246,7 +246,7 @@ class _Cycle:
         from .render import render
 
         return render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
-                      self.facts, self.state.p("jinja-cache"), self.should_stop)
+                      self.facts, self.state.template_cache(), self.should_stop)
 
     def _render_healing(self, commit: str) -> Any:
         """Render; if the mirror turns out damaged, fetch it anew and render once more."""

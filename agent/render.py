@@ -14,7 +14,6 @@ Vars precedence, lowest first: role `vars` (in role order), fleet `vars`, group
 from __future__ import annotations
 
 import fnmatch
-import os
 from typing import Any
 
 from .errors import RenderError, TreeError
@@ -60,12 +59,14 @@ class _TreeLoader:
 
 class Renderer:
     def __init__(self, tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
-                 cache_dir: str | None = None, progress: Any = None) -> None:
+                 bytecode_cache: Any = None, progress: Any = None) -> None:
         self.tree = tree
         self.host = host
         self.labels = labels
         self.facts = facts
-        self.cache_dir = cache_dir  # Jinja2 bytecode, keyed by template source checksum
+        # a jinja2.BytecodeCache from state.py (keyed by template source checksum): the
+        # files are the state directory's business, not render's
+        self.bytecode_cache = bytecode_cache
         self._env: Any = None
         self.progress = progress or (lambda text: None)
         self._total = 0  # rendered bytes so far (limits.max_total_size)
@@ -251,10 +252,7 @@ class Renderer:
         if self._env is None:
             from jinja2.sandbox import SandboxedEnvironment
 
-            cache = None
-            if self.cache_dir:
-                os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
-                cache = jinja2.FileSystemBytecodeCache(self.cache_dir)
+            cache = self.bytecode_cache
             self._env = SandboxedEnvironment(
                 loader=_TreeLoader(self.tree).make(), undefined=jinja2.StrictUndefined,
                 keep_trailing_newline=True, autoescape=False, bytecode_cache=cache)
@@ -304,7 +302,7 @@ def _template_line(e: BaseException, filename: str) -> str:
 
 
 def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
-           cache_dir: str | None = None, should_stop: Any = None) -> DesiredState:
+           bytecode_cache: Any = None, should_stop: Any = None) -> DesiredState:
     """Render in a forked child bounded by limits.render_timeout and render_memory: a
     template that loops or grows for ever is a one-line RenderError, not a hung agent."""
     import jinja2.sandbox  # noqa: F401 - imported once here, not in every forked child
@@ -318,7 +316,7 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
         raise RenderError(f"render: {e}") from None
 
     def work(progress: Any) -> DesiredState:
-        return Renderer(tree, host, labels, facts, cache_dir, progress).render()
+        return Renderer(tree, host, labels, facts, bytecode_cache, progress).render()
 
     try:
         return isolate.run(work, timeout=limits.render_timeout, memory=limits.render_memory,

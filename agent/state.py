@@ -212,6 +212,19 @@ class StateDir:
     def save_verdicts(self, data: dict[str, Any]) -> None:
         self._write_json("verdicts.json", data)
 
+    # --- compiled templates --------------------------------------------------------------
+
+    def template_cache(self) -> Any:
+        """A jinja2 bytecode cache in state_dir/jinja-cache (0700), for render."""
+        import jinja2
+
+        path = self.p("jinja-cache")
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError:
+            return None  # only a cache: templates are then compiled every render
+        return jinja2.FileSystemBytecodeCache(path)
+
     # --- pause (persisted across restarts, with its reason) --------------------------------
 
     def load_pause(self) -> dict[str, Any] | None:
