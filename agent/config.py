@@ -113,10 +113,6 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     path: str = ""
 
-    @property
-    def urls(self) -> tuple[str, ...]:
-        return (self.source.url, *self.source.mirrors)
-
 
 # --- the schema: key -> (kind, extra). Kinds: str, path, bool, int, size, duration,
 # enum, strlist, labels, section (nested schema).

@@ -423,14 +423,6 @@ def _unlink_quiet(name: str, dir_fd: int | None = None) -> None:
         pass
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_at(dirfd: int, name: str, data: bytes, mode: int, uid: int | None = None,
              gid: int | None = None) -> None:
     """Write `data` to `name` in `dirfd` so that a reader sees the old file or the new.

@@ -412,12 +412,6 @@ class TreeReader:
         except pygit2.GitError as e:
             raise TreeError(f"{path} cannot be read from the mirror: {_clean(e)}") from None
 
-    def blob_id(self, path: str) -> str:
-        node = self._entry(path)
-        if node is None:
-            raise TreeError(f"{path} does not exist in commit {self.commit[:12]}")
-        return str(node.id)
-
     def listdir(self, path: str) -> list[str]:
         node = self._entry(path) if path else self.tree
         if not isinstance(node, pygit2.Tree):
