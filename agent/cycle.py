@@ -16,10 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .config import Config
-from .errors import AgentError, RenderError, SourceError, TrustError
+from . import __version__, trust
+from . import facts as facts_mod
+from .config import Config, host_name_problem
+from .converge import Converger, clean
+from .errors import AgentError, ConfigError, RenderError, SourceError, TrustError
+from .host import Host
+from .render import render
 from .resources import Change
+from .source import LAST_GOOD_REF, Mirror
+from .state import StateDir
 
 log = logging.getLogger("agent.cycle")
 
@@ -76,9 +82,6 @@ def render_key(commit: str, host: str, labels: dict[str, str], facts_digest: str
 def host_identity(cfg: Config) -> tuple[str, dict[str, str]]:
     import socket
 
-    from .config import host_name_problem
-    from .errors import ConfigError
-
     name = cfg.host.name or socket.gethostname()
     if why := host_name_problem(name):
         raise ConfigError(f"config: this machine's hostname {name!r} {why}; set host.name "
@@ -90,7 +93,6 @@ def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
               lock_wait: float = 0.0, should_stop: Callable[[], bool] = lambda: False
               ) -> tuple[CycleResult, Any]:
     """Run one cycle. Returns the result and, for dry runs, the Plan."""
-    from .state import StateDir
 
     state = StateDir(cfg.state_dir)
     state.lock(wait=lock_wait)
@@ -126,8 +128,6 @@ class _Cycle:
 
     def __init__(self, cfg: Config, state: Any, dry_run: bool, fetch: bool,
                  should_stop: Callable[[], bool], hosts: list[Any]) -> None:
-        from .host import Host
-        from .source import Mirror
 
         self.cfg, self.state, self.dry_run, self.fetching = cfg, state, dry_run, fetch
         self.should_stop, self.hosts = should_stop, hosts
@@ -181,7 +181,6 @@ class _Cycle:
     def verify(self) -> None:
         """Offline, last good itself is checked against the trust files as they are now
         (a revoked key's commit is no longer enforced, online or not)."""
-        from . import trust
 
         result = self.result
         check = self.tip if self.tip is not None else (
@@ -219,8 +218,6 @@ class _Cycle:
 
     def prepare(self) -> None:
         """Same commit, same host, nothing drifted: done without rendering."""
-        from . import facts as facts_mod
-        from .converge import clean
 
         try:
             self.host.check_root()
@@ -243,8 +240,6 @@ class _Cycle:
     # --- render ----------------------------------------------------------------------------
 
     def _render(self, commit: str) -> Any:
-        from .render import render
-
         return render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
                       self.facts, self.state.template_cache(), self.should_stop)
 
@@ -285,9 +280,6 @@ class _Cycle:
     # --- plan, converge, record ------------------------------------------------------------
 
     def converge(self) -> None:
-        from .converge import Converger
-        from .source import LAST_GOOD_REF
-
         result, cfg = self.result, self.cfg
         conv = Converger(self.host, self.state, self.manifest,
                          full_check=self.full_check or self.dry_run,

@@ -20,10 +20,13 @@ import socket
 import time
 from typing import Any
 
+from . import report
 from .config import Config, load_file
 from .control import ControlServer
 from .cycle import CycleResult, host_identity, run_cycle
+from .drift import DriftWatcher
 from .errors import AgentError, UsageError
+from .state import StateDir
 
 log = logging.getLogger("agent.daemon")
 
@@ -110,21 +113,15 @@ class Daemon:
     # --- pause -------------------------------------------------------------------------
 
     def paused(self) -> dict | None:
-        from .state import StateDir
-
         return StateDir(self.cfg.state_dir).load_pause()
 
     def pause(self, reason: str, uid: int) -> dict:
-        from .state import StateDir
-
         data = StateDir(self.cfg.state_dir).save_pause(reason or "paused by operator", uid)
         log.warning("daemon: paused by uid %d: %s", uid, data["reason"],
                     extra={"STAGE": "pause"})
         return data
 
     def resume(self) -> None:
-        from .state import StateDir
-
         StateDir(self.cfg.state_dir).clear_pause()
         log.info("daemon: resumed", extra={"STAGE": "pause"})
         self.trigger("resume")
@@ -132,8 +129,6 @@ class Daemon:
     # --- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        from .report import status_json
-
         last = self.last
         paused = self.paused()
         live: dict[str, Any] = {
@@ -145,7 +140,7 @@ class Daemon:
             live["state"] = "paused"
         elif self.running:
             live["state"] = "applying"
-        return status_json(self.cfg, last, **live)
+        return report.status_json(self.cfg, last, **live)
 
     # --- control socket verbs -----------------------------------------------------------
 
@@ -153,8 +148,6 @@ class Daemon:
         if verb == "status":
             return self.status()
         if verb == "history":
-            from .state import StateDir
-
             return StateDir(self.cfg.state_dir).history(int(req.get("n", 20)))
         if verb == "pause":
             data = self.pause(str(req.get("reason", "")), uid)
@@ -236,8 +229,6 @@ class Daemon:
     def _report(self) -> None:
         """Hand the status to the report sinks; never delays or fails a cycle."""
         try:
-            from . import report
-
             report.after_cycle(self.cfg, self.status(), self.last)
         except Exception as e:  # noqa: BLE001 - reporting must never break the daemon
             log.warning("report: %s", e, extra={"STAGE": "report"})
@@ -246,10 +237,8 @@ class Daemon:
             self._spawn(self._flush())
 
     async def _flush(self) -> None:
-        from .report import flush_sftp
-
         try:
-            sent = await asyncio.wait_for(flush_sftp(self.cfg, self.host), 60)
+            sent = await asyncio.wait_for(report.flush_sftp(self.cfg, self.host), 60)
             if sent:
                 log.info("report: sent %d report(s) to %s", sent, self.cfg.report.sftp.host,
                          extra={"STAGE": "report"})
@@ -352,8 +341,6 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             # startup: state readable, socket listening, watcher armed, then READY
-            from .state import StateDir
-
             sd = StateDir(self.cfg.state_dir)
             sd.ensure()
             sd.load_state()
@@ -364,8 +351,6 @@ class Daemon:
                 raise AgentError(f"daemon: cannot listen on {self.cfg.socket}: "
                                  f"{e.strerror or e}") from None
             if self.cfg.drift != "off":
-                from .drift import DriftWatcher
-
                 self.watcher = DriftWatcher(self)
                 self.watcher.configure(self.cfg)
                 self._spawn(self.watcher.run())

@@ -15,7 +15,10 @@ import logging
 import os
 from typing import Any
 
+from .errors import AgentError
+from .host import Host
 from .resources.files import signature
+from .state import StateDir
 
 log = logging.getLogger("agent.drift")
 
@@ -33,8 +36,6 @@ class DriftWatcher:
         self.reported = 0
 
     def configure(self, cfg: Any) -> None:
-        from .host import Host
-
         self.mode = cfg.drift
         self.host = Host(cfg.root)
         self.state_dir = cfg.state_dir
@@ -42,9 +43,6 @@ class DriftWatcher:
 
     def refresh(self) -> None:
         """Re-read the manifest: the managed set and their signatures after the last cycle."""
-        from .errors import AgentError
-        from .state import StateDir
-
         try:
             manifest = StateDir(self.state_dir).load_manifest()
         except AgentError:

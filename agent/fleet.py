@@ -13,6 +13,10 @@ import os
 import time
 from typing import Any
 
+from .config import host_name_problem
+from .errors import UsageError
+from .source import open_repo
+
 
 def load_report(path: str) -> tuple[dict[str, Any] | None, str]:
     """A report and "", or None and why it cannot be used. Reports come from hosts (or
@@ -30,8 +34,6 @@ def load_report(path: str) -> tuple[dict[str, Any] | None, str]:
 
 
 def _report_problem(rep: dict[str, Any]) -> str:
-    from .config import host_name_problem
-
     host = rep.get("host")
     if not isinstance(host, str) or host_name_problem(host):
         return f"host {host!r} is not a host name"
@@ -59,8 +61,6 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
     tip = None
     repository = None
     if repo:
-        from .source import open_repo
-
         repository = open_repo(repo)
         tip = repository.resolve(branch)
     rows = []
@@ -68,8 +68,6 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
         names = sorted(n for n in os.listdir(reports_dir)
                        if n.endswith(".json") and not n.startswith("."))
     except OSError as e:
-        from .errors import UsageError
-
         raise UsageError(f"fleet status: cannot read {reports_dir}: {e.strerror}") from None
     skipped = []
     for name in names:

@@ -10,7 +10,6 @@ costs one killed child and a one-line error; the agent itself stays responsive.
 from __future__ import annotations
 
 import os
-import pickle
 import resource
 import select
 import signal
@@ -35,6 +34,7 @@ def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: i
 
     `memory` is what the child may add to the address space it starts with.
     """
+    import pickle  # here, not at the top: a no-op cycle never forks and never pays for it
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never return into the caller's code

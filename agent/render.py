@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+from . import isolate
 from .errors import RenderError, TreeError
 from .facts import Facts
 from .model import DesiredState, Resource
@@ -306,8 +307,6 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
     """Render in a forked child bounded by limits.render_timeout and render_memory: a
     template that loops or grows for ever is a one-line RenderError, not a hung agent."""
     import jinja2.sandbox  # noqa: F401 - imported once here, not in every forked child
-
-    from . import isolate
 
     limits = tree.limits
     try:

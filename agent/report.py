@@ -13,6 +13,10 @@ import os
 import time
 from typing import Any
 
+from . import __version__
+from .cycle import host_identity
+from .errors import AgentError
+from .host import write_atomic
 from .state import StateDir
 
 log = logging.getLogger("agent.report")
@@ -67,17 +71,12 @@ def metrics_text(status: dict[str, Any], last: Any, extra: dict[str, float] | No
 
 
 def write_metrics(path: str, text: str) -> None:
-    from .host import write_atomic
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_atomic(path, text.encode(), mode=0o644)
 
 
 def status_json(cfg: Any, last: Any, **live: Any) -> dict[str, Any]:
     """The one status shape: the socket, the CLI, the metrics and the fleet reports."""
-    from . import __version__
-    from .cycle import host_identity
-    from .errors import AgentError
     st: dict[str, Any] = {}
     try:
         st = StateDir(cfg.state_dir).load_state()

@@ -22,6 +22,7 @@ import pygit2
 
 from .config import LimitsConfig, SourceConfig
 from .errors import Exhausted, SourceError, TreeError, UsageError
+from .transport import callbacks_for
 from .urls import redact, scheme
 
 log = logging.getLogger("agent.source")
@@ -169,8 +170,6 @@ class Mirror:
 
     def _callbacks(self, url: str) -> pygit2.RemoteCallbacks | None:
         if scheme(url) in ("ssh", "https"):
-            from .transport import callbacks_for  # only remote transports need it
-
             return callbacks_for(url, self.source)
         return None
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import TrustConfig
-from .errors import TrustError
+from .errors import SourceError, TrustError
+from .host import Host
 
 log = logging.getLogger("agent.trust")
 
@@ -278,8 +279,6 @@ def gpgv(keyring: str, signature: str, payload: bytes, host: Any = None) -> list
         data = os.path.join(tmp, "payload")
         with open(data, "wb") as f:
             f.write(payload)
-        from .host import Host
-
         p = (host or Host()).run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring",
                                   ring, sig, data], timeout=60)
         if p.returncode == 127:
@@ -417,8 +416,6 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
 def commit_time(mirror: Any, commit: str) -> int:
     """The committer time of a commit that libgit2 can parse; anything else (a blob or
     tag where the branch should point, a malformed object) is refused as untrusted."""
-    from .errors import SourceError
-
     kind = mirror.object_kind(commit)
     if kind is None:
         raise TrustError(f"tip {commit[:12]} is missing from the mirror", commit=commit,
