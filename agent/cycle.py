@@ -19,9 +19,10 @@ from typing import Any
 from . import __version__, trust
 from . import facts as facts_mod
 from .config import Config, host_name_problem
-from .converge import Converger, clean
+from .converge import Converger, Plan, clean
 from .errors import AgentError, ConfigError, RenderError, SourceError, TrustError
 from .host import Host
+from .model import DesiredState
 from .render import render
 from .resources import Change
 from .source import LAST_GOOD_REF, Mirror
@@ -91,12 +92,12 @@ def host_identity(cfg: Config) -> tuple[str, dict[str, str]]:
 
 def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
               lock_wait: float = 0.0, should_stop: Callable[[], bool] = lambda: False
-              ) -> tuple[CycleResult, Any]:
+              ) -> tuple[CycleResult, Plan | None]:
     """Run one cycle. Returns the result and, for dry runs, the Plan."""
 
     state = StateDir(cfg.state_dir)
     state.lock(wait=lock_wait)
-    hosts: list[Any] = []
+    hosts: list[Host] = []
     try:
         return _run(cfg, state, dry_run, fetch, should_stop, hosts)
     finally:
@@ -105,8 +106,8 @@ def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
         state.unlock()
 
 
-def _run(cfg: Config, state: Any, dry_run: bool, fetch: bool,
-         should_stop: Callable[[], bool], hosts: list[Any]) -> tuple[CycleResult, Any]:
+def _run(cfg: Config, state: StateDir, dry_run: bool, fetch: bool,
+         should_stop: Callable[[], bool], hosts: list[Host]) -> tuple[CycleResult, Plan | None]:
     cycle = _Cycle(cfg, state, dry_run, fetch, should_stop, hosts)
     try:
         cycle.fetch()
@@ -126,8 +127,8 @@ class _Done(Exception):
 class _Cycle:
     """One cycle's shared context; one method per stage, in the order _run calls them."""
 
-    def __init__(self, cfg: Config, state: Any, dry_run: bool, fetch: bool,
-                 should_stop: Callable[[], bool], hosts: list[Any]) -> None:
+    def __init__(self, cfg: Config, state: StateDir, dry_run: bool, fetch: bool,
+                 should_stop: Callable[[], bool], hosts: list[Host]) -> None:
 
         self.cfg, self.state, self.dry_run, self.fetching = cfg, state, dry_run, fetch
         self.should_stop, self.hosts = should_stop, hosts
@@ -141,8 +142,8 @@ class _Cycle:
         hosts.append(self.host)
         self.tip: str | None = None
         self.target: str = ""
-        self.plan: Any = None
-        self.desired: Any = None
+        self.plan: Plan | None = None
+        self.desired: DesiredState | None = None
 
     def _last_good_here(self) -> bool:
         return bool(self.last_good) and self.mirror.has_commit(self.last_good)
@@ -239,11 +240,11 @@ class _Cycle:
 
     # --- render ----------------------------------------------------------------------------
 
-    def _render(self, commit: str) -> Any:
+    def _render(self, commit: str) -> DesiredState:
         return render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
                       self.facts, self.state.template_cache(), self.should_stop)
 
-    def _render_healing(self, commit: str) -> Any:
+    def _render_healing(self, commit: str) -> DesiredState:
         """Render; if the mirror turns out damaged, fetch it anew and render once more."""
         try:
             return self._render(commit)
@@ -332,7 +333,7 @@ def _final_state(result: CycleResult) -> str:
     return "converged"
 
 
-def _finish(cfg: Config, state: Any, result: CycleResult, st: dict,
+def _finish(cfg: Config, state: StateDir, result: CycleResult, st: dict,
             dry_run: bool) -> CycleResult:
     result.finished = time.time()
     if dry_run:

@@ -14,6 +14,7 @@ Vars precedence, lowest first: role `vars` (in role order), fleet `vars`, group
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from typing import Any
 
 from . import isolate
@@ -60,7 +61,8 @@ class _TreeLoader:
 
 class Renderer:
     def __init__(self, tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
-                 bytecode_cache: Any = None, progress: Any = None) -> None:
+                 bytecode_cache: Any = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.tree = tree
         self.host = host
         self.labels = labels

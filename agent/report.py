@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from . import __version__
-from .cycle import host_identity
+from .config import Config
+from .cycle import CycleResult, host_identity
 from .errors import AgentError
 from .host import write_atomic
 from .state import StateDir
@@ -75,7 +76,7 @@ def write_metrics(path: str, text: str) -> None:
     write_atomic(path, text.encode(), mode=0o644)
 
 
-def status_json(cfg: Any, last: Any, **live: Any) -> dict[str, Any]:
+def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str, Any]:
     """The one status shape: the socket, the CLI, the metrics and the fleet reports."""
     st: dict[str, Any] = {}
     try:
@@ -100,7 +101,8 @@ def status_json(cfg: Any, last: Any, **live: Any) -> dict[str, Any]:
     return out
 
 
-def send_now(cfg: Any, status: dict[str, Any], last: Any, timeout: float = 20.0) -> None:
+def send_now(cfg: Config, status: dict[str, Any], last: CycleResult | None,
+             timeout: float = 20.0) -> None:
     """For one-shot `apply`: local sinks, then one bounded attempt to flush the queue."""
     import asyncio
 
@@ -114,7 +116,7 @@ def send_now(cfg: Any, status: dict[str, Any], last: Any, timeout: float = 20.0)
                     e or type(e).__name__)
 
 
-def after_cycle(cfg: Any, status: dict[str, Any], last: Any) -> None:
+def after_cycle(cfg: Config, status: dict[str, Any], last: CycleResult | None) -> None:
     """Local sinks, synchronous and quick: the metrics textfile and the report queue."""
     if cfg.report.metrics_textfile:
         extra = {"verification_failures": _count_rejections(cfg),
@@ -127,7 +129,7 @@ def after_cycle(cfg: Any, status: dict[str, Any], last: Any) -> None:
         StateDir(cfg.state_dir).report_queue().put(status)
 
 
-def _count_rejections(cfg: Any) -> int:
+def _count_rejections(cfg: Config) -> int:
     try:
             return sum(1 for e in StateDir(cfg.state_dir).history(0) if e.get("rejected"))
     except Exception:  # noqa: BLE001 - a metric is not worth failing over
@@ -137,7 +139,7 @@ def _count_rejections(cfg: Any) -> int:
 # --- the report queue and the SFTP drop ---------------------------------------------------
 
 
-async def flush_sftp(cfg: Any, host: str, timeout: float = 20.0) -> int:
+async def flush_sftp(cfg: Config, host: str, timeout: float = 20.0) -> int:
     """Send every queued report, oldest first, to DIR/<host>.json (uploaded under a
     temporary name and renamed, so a reader never sees half a report) and append it to
     DIR/<host>.history.jsonl. Stops at the first failure; what is left stays queued."""

@@ -23,11 +23,15 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import TrustConfig
 from .errors import SourceError, TrustError
 from .host import Host
+
+if TYPE_CHECKING:
+    from .source import Mirror
+    from .state import StateDir
 
 log = logging.getLogger("agent.trust")
 
@@ -131,7 +135,7 @@ class Verifier:
     """Verdicts for single commits, from the local trust files of agent.yaml."""
 
     def __init__(self, allowed_signers: str | None = None, gpg_keyring: str | None = None,
-                 revoked_keys: str | None = None, host: Any = None) -> None:
+                 revoked_keys: str | None = None, host: Host | None = None) -> None:
         from . import sshsig
 
         self.host = host  # gpgv runs through the cycle's host gate (and is counted there)
@@ -267,7 +271,8 @@ def _dearmor_pgp(data: bytes) -> bytes:
     return out
 
 
-def gpgv(keyring: str, signature: str, payload: bytes, host: Any = None) -> list[list[str]]:
+def gpgv(keyring: str, signature: str, payload: bytes,
+         host: Host | None = None) -> list[list[str]]:
     """Run gpgv with --status-fd; return its `[GNUPG:] KEYWORD args` lines, split."""
     with tempfile.TemporaryDirectory(prefix="gitops-gpgv-") as tmp:
         ring = os.path.join(tmp, "trusted.gpg")
@@ -329,8 +334,8 @@ def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
 # --- policy ----------------------------------------------------------------------------
 
 
-def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any],
-         host: Any = None) -> Verdict:
+def gate(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, tip: str,
+         st: dict[str, Any], host: Host | None = None) -> Verdict:
     """Decide whether `tip` may be applied; raise TrustError (commit, rule, key) if not."""
     last_good = st.get("last_good")
     warnings: list[str] = []
@@ -413,7 +418,7 @@ def gate(tcfg: TrustConfig, mirror: Any, state: Any, tip: str, st: dict[str, Any
     return tip_verdict
 
 
-def commit_time(mirror: Any, commit: str) -> int:
+def commit_time(mirror: Mirror, commit: str) -> int:
     """The committer time of a commit that libgit2 can parse; anything else (a blob or
     tag where the branch should point, a malformed object) is refused as untrusted."""
     kind = mirror.object_kind(commit)
@@ -431,8 +436,8 @@ def commit_time(mirror: Any, commit: str) -> int:
         raise TrustError(str(e), commit=commit, rule="malformed-commit") from None
 
 
-def _verdicts(tcfg: TrustConfig, mirror: Any, state: Any, commits: list[str],
-              stop_at_bad: bool = False, host: Any = None) -> list[Verdict]:
+def _verdicts(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, commits: list[str],
+              stop_at_bad: bool = False, host: Host | None = None) -> list[Verdict]:
     """Verdicts of `commits` under the trust files as they are now, through the cache
     (keyed by the digest of the trust files: editing them invalidates every verdict)."""
     paths = (tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
@@ -468,12 +473,13 @@ def _verdicts(tcfg: TrustConfig, mirror: Any, state: Any, commits: list[str],
     return out
 
 
-def _cache_warnings(state: Any) -> list[str]:
+def _cache_warnings(state: StateDir | None) -> list[str]:
     return list((state.load_verdicts() if state is not None else {}).get("warnings") or [])
 
 
-def _newest_trusted_ancestor(tcfg: TrustConfig, mirror: Any, state: Any, commit: str,
-                             host: Any = None, limit: int = 1000) -> str | None:
+def _newest_trusted_ancestor(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None,
+                             commit: str, host: Host | None = None,
+                             limit: int = 1000) -> str | None:
     """The newest ancestor of `commit` that passes the trust files as they are now."""
     for cid in mirror.history(commit, limit=limit):
         if cid != commit and _verdicts(tcfg, mirror, state, [cid], host=host)[0].good:
@@ -481,7 +487,7 @@ def _newest_trusted_ancestor(tcfg: TrustConfig, mirror: Any, state: Any, commit:
     return None
 
 
-def _save_cache(state: Any, cache: dict[str, Any], keep: int = 5000) -> None:
+def _save_cache(state: StateDir, cache: dict[str, Any], keep: int = 5000) -> None:
     verdicts = cache["verdicts"]
     if len(verdicts) > keep:
         cache["verdicts"] = dict(list(verdicts.items())[-keep:])
