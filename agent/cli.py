@@ -3,7 +3,10 @@
 Owns: the CLI contract of DESIGN.md (verbs, --config, --json, exit codes: 0 ok,
 1 failed/not trusted, 2 bad usage or config) and turning AgentError into one clear
 line on stderr, never a traceback.
-Must not: do any verb's work itself; imports are lazy so start-up stays lean.
+Must not: do any verb's work itself. The imports of the other modules are inside the
+verbs on purpose: `status` over the socket must not pay for pygit2, Jinja2 or the
+trust code, so each verb loads only what it uses (the one exception to "imports at
+the top" in this package, with sshsig's cryptography and isolate's pickle).
 """
 
 from __future__ import annotations
