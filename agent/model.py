@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -30,8 +31,8 @@ class Resource:
     content: bytes | None = None
     _digest: str | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def identity(self) -> str:
+    @cached_property
+    def identity(self) -> str:  # asked for thousands of times a cycle; never changes
         return identity(self.kind, self.name)
 
     @property
