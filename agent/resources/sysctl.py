@@ -83,6 +83,8 @@ class SysctlKind(Kind):
         return {"conf": conf, "live": live}
 
     def check(self, res: Resource, observed: Any, env: Env) -> Change:
+        if observed is None:  # the query failed (logged): nothing to compare with
+            return Change(res.identity, failed=True, msg=f"cannot read {CONF} or /proc/sys")
         want = res.spec["value"]
         conf, live = observed["conf"], observed["live"]
         change = Change(res.identity)
