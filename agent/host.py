@@ -120,16 +120,21 @@ class Host:
         if not os.path.isdir(self.root):
             raise ApplyError(f"root {self.root} does not exist or is not a directory")
 
-    @contextmanager
-    def parent(self, target: str, create: bool = False) -> Iterator[tuple[int, str] | None]:
+    def at(self, target: str, create: bool = False) -> tuple[int, str] | None:
         """An fd of target's parent directory, reached without following any symlink,
-        and the last component. Yields None when a parent is missing (and not `create`).
-        Missing parents are made 0755 root:root with mkdirat when `create`."""
+        and the last component; None when a parent is missing (and not `create`).
+        Missing parents are made 0755 root:root with mkdirat when `create`. The fd
+        belongs to the cache: use it before the next call, never close it."""
         parts = self.parts(target)
         if len(self._fds) >= self.MAX_FDS:
             self.close()  # between operations: no fd of the cache is in use now
         fd = self._dirfd(tuple(parts[:-1]), create)
-        yield None if fd is None else (fd, parts[-1])
+        return None if fd is None else (fd, parts[-1])
+
+    @contextmanager
+    def parent(self, target: str, create: bool = False) -> Iterator[tuple[int, str] | None]:
+        """at() as a context manager, for the callers that do several things there."""
+        yield self.at(target, create)
 
     def _open_dir(self, name: str, dirfd: int, walked: str) -> int:
         try:
@@ -152,28 +157,28 @@ class Host:
 
     def lstat(self, target: str) -> os.stat_result | None:
         """lstat without following any symlink on the way (EscapeError if one is there)."""
-        with self.parent(target) as p:
-            if p is None:
-                return None
-            try:
-                return os.stat(p[1], dir_fd=p[0], follow_symlinks=False)
-            except FileNotFoundError:
-                return None
+        p = self.at(target)  # the two hot calls of a full check: no context manager
+        if p is None:
+            return None
+        try:
+            return os.stat(p[1], dir_fd=p[0], follow_symlinks=False)
+        except FileNotFoundError:
+            return None
 
     def read(self, target: str) -> bytes:
-        with self.parent(target) as p:
-            if p is None:
-                raise FileNotFoundError(self.join(target))
-            fd = os.open(p[1], _READ_FLAGS, dir_fd=p[0])
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise ApplyError(f"{target} is not a regular file on the host")
-                chunks = []
-                while chunk := os.read(fd, 1 << 20):
-                    chunks.append(chunk)
-                return b"".join(chunks)
-            finally:
-                os.close(fd)
+        p = self.at(target)
+        if p is None:
+            raise FileNotFoundError(self.join(target))
+        fd = os.open(p[1], _READ_FLAGS, dir_fd=p[0])
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ApplyError(f"{target} is not a regular file on the host")
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def listdir(self, target: str) -> list[str]:
         with self.parent(target) as p:
