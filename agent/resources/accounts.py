@@ -99,25 +99,73 @@ def _created(res_or_ident: str, exists: bool, env: Env) -> bool:
     return bool(old.get("created")) if exists else True
 
 
-class GroupKind(Kind):
-    name = "group"
-    role_key = "groups"
-    stage = 10
-    prune_stage = 12  # after users: a group dropped with its user may be its primary group
+class _AccountKind(Kind):
+    """What groups and users share: the removal rule, the manifest's `created` flag,
+    and pruning with the kind's *del tool."""
 
-    def parse(self, name: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
+    table = ""  # "group" or "passwd": where the name is looked up
+    delete = ""  # groupdel or userdel
+    pruned = ""  # what a prune says it did
+
+    def _spec(self, name: Any, spec: Any, where: str, ctx: ParseCtx,
+              keys: set[str]) -> dict[str, Any]:
+        """A valid name, and `present`/`absent`/nothing/a mapping as a mapping."""
         if not isinstance(name, str) or not _NAME.match(name):
-            raise RenderError(f"render: group name {name!r} is not valid: lower-case letters, "
-                              f"digits, '_' and '-', at most 32 ({where})")
+            raise RenderError(f"render: {self.name} name {name!r} is not valid: lower-case "
+                              f"letters, digits, '_' and '-', at most 32 ({where})")
         if spec in ("present", "absent"):
             spec = {"state": spec}
         if spec is None:
             spec = {}
         if not isinstance(spec, dict):
-            raise RenderError(f"render: group[{name}] must be present, absent or a mapping "
-                              f"({where})")
+            raise RenderError(f"render: {self.name}[{name}] must be present, absent or a "
+                              f"mapping ({where})")
         if hasattr(spec, "where"):
-            ctx.keys(spec, _GROUP_KEYS, f"group[{name}]")
+            ctx.keys(spec, keys, f"{self.name}[{name}]")
+        return spec
+
+    def _absent(self, res: Resource, have: Any, change: Change) -> Change:
+        """state: absent: removed only if the agent created it."""
+        if have is None:
+            change.msg = "absent, as declared"
+        elif not change.data["created"]:
+            change.failed = True
+            change.msg = ("exists and was not created by the agent: it is never deleted "
+                          "(remove it by hand if it must go)")
+        else:
+            change.changed, change.action, change.msg = True, "remove", self.delete
+        return change
+
+    def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
+        if res.spec["state"] == "absent":
+            return None
+        entry = super().record(res, change) or {}
+        return {**entry, "created": bool(change.data.get("created"))}
+
+    def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
+        change = Change(ident, action="prune")
+        if not entry.get("created"):
+            change.msg = "no longer declared; existed before the agent, left in place"
+            return change
+        if entry["name"] not in _accounts(env)[self.table]:
+            change.msg = "no longer declared and already gone"
+            return change
+        change.changed, change.msg = True, f"no longer declared: {self.pruned}"
+        if not dry:
+            _run(env, ident, _argv(env, self.delete, entry["name"]))
+            env.host.forget_ids()
+        return change
+
+
+class GroupKind(_AccountKind):
+    name = "group"
+    role_key = "groups"
+    stage = 10
+    prune_stage = 12  # after users: a group dropped with its user may be its primary group
+    table, delete, pruned = "group", "groupdel", "groupdel"
+
+    def parse(self, name: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
+        spec = self._spec(name, spec, where, ctx, _GROUP_KEYS)
         norm: dict[str, Any] = {"state": _state(spec, f"group[{name}]", where)}
         if "gid" in spec:
             norm["gid"] = _id(spec["gid"], f"group[{name}].gid", where)
@@ -136,15 +184,7 @@ class GroupKind(Kind):
         change = Change(res.identity)
         change.data = {"created": _created(res.identity, have is not None, env)}
         if res.spec["state"] == "absent":
-            if have is None:
-                change.msg = "absent, as declared"
-            elif not change.data["created"]:
-                change.failed = True
-                change.msg = ("exists and was not created by the agent: it is never deleted "
-                              "(remove it by hand if it must go)")
-            else:
-                change.changed, change.action, change.msg = True, "remove", "groupdel"
-            return change
+            return self._absent(res, have, change)
         if have is None:
             change.changed, change.action = True, "create"
             change.msg = "groupadd" + (f", gid {res.spec['gid']}" if "gid" in res.spec else "")
@@ -168,45 +208,15 @@ class GroupKind(Kind):
         env.host.forget_ids()
         return planned
 
-    def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
-        if res.spec["state"] == "absent":
-            return None
-        entry = super().record(res, change) or {}
-        return {**entry, "created": bool(change.data.get("created"))}
 
-    def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
-        change = Change(ident, action="prune")
-        if not entry.get("created"):
-            change.msg = "no longer declared; existed before the agent, left in place"
-            return change
-        if entry["name"] not in _accounts(env)["group"]:
-            change.msg = "no longer declared and already gone"
-            return change
-        change.changed, change.msg = True, "no longer declared: groupdel"
-        if not dry:
-            _run(env, ident, _argv(env, "groupdel", entry["name"]))
-            env.host.forget_ids()
-        return change
-
-
-class UserKind(Kind):
+class UserKind(_AccountKind):
     name = "user"
     role_key = "users"
     stage = 11
+    table, delete, pruned = "passwd", "userdel", "userdel (home kept)"
 
     def parse(self, name: Any, spec: Any, where: str, ctx: ParseCtx) -> Resource:
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise RenderError(f"render: user name {name!r} is not valid: lower-case letters, "
-                              f"digits, '_' and '-', at most 32 ({where})")
-        if spec in ("present", "absent"):
-            spec = {"state": spec}
-        if spec is None:
-            spec = {}
-        if not isinstance(spec, dict):
-            raise RenderError(f"render: user[{name}] must be present, absent or a mapping "
-                              f"({where})")
-        if hasattr(spec, "where"):
-            ctx.keys(spec, _USER_KEYS, f"user[{name}]")
+        spec = self._spec(name, spec, where, ctx, _USER_KEYS)
         ident = f"user[{name}]"
         norm: dict[str, Any] = {"state": _state(spec, ident, where)}
         if "uid" in spec:
@@ -265,15 +275,7 @@ class UserKind(Kind):
         change = Change(res.identity)
         change.data = {"created": _created(res.identity, have is not None, env)}
         if spec["state"] == "absent":
-            if have is None:
-                change.msg = "absent, as declared"
-            elif not change.data["created"]:
-                change.failed = True
-                change.msg = ("exists and was not created by the agent: it is never deleted "
-                              "(remove it by hand if it must go)")
-            else:
-                change.changed, change.action, change.msg = True, "remove", "userdel"
-            return change
+            return self._absent(res, have, change)
         if have is None:
             change.changed, change.action, change.msg = True, "create", "useradd"
             return change
@@ -354,25 +356,6 @@ class UserKind(Kind):
         data = ("\n".join(res.spec["authorized_keys"]) + "\n").encode()
         env.host.write_file(self._keys_file(res, home), data, 0o600, uid, gid)
 
-    def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
-        if res.spec["state"] == "absent":
-            return None
-        entry = super().record(res, change) or {}
-        return {**entry, "created": bool(change.data.get("created"))}
-
-    def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
-        change = Change(ident, action="prune")
-        if not entry.get("created"):
-            change.msg = "no longer declared; existed before the agent, left in place"
-            return change
-        if entry["name"] not in _accounts(env)["passwd"]:
-            change.msg = "no longer declared and already gone"
-            return change
-        change.changed, change.msg = True, "no longer declared: userdel (home kept)"
-        if not dry:
-            _run(env, ident, _argv(env, "userdel", entry["name"]))
-            env.host.forget_ids()
-        return change
 
 
 KINDS = [GroupKind(), UserKind()]
