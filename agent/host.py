@@ -19,8 +19,6 @@ import os
 import re
 import stat
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import ApplyError, EscapeError
@@ -131,10 +129,11 @@ class Host:
         fd = self._dirfd(tuple(parts[:-1]), create)
         return None if fd is None else (fd, parts[-1])
 
-    @contextmanager
-    def parent(self, target: str, create: bool = False) -> Iterator[tuple[int, str] | None]:
-        """at() as a context manager, for the callers that do several things there."""
-        yield self.at(target, create)
+    def _dir(self, directory: str) -> int | None:
+        """A cached fd of a directory itself (None when it is missing)."""
+        if len(self._fds) >= self.MAX_FDS:
+            self.close()
+        return self._dirfd(tuple(self.parts(directory)), False)
 
     def _open_dir(self, name: str, dirfd: int, walked: str) -> int:
         try:
@@ -157,7 +156,7 @@ class Host:
 
     def lstat(self, target: str) -> os.stat_result | None:
         """lstat without following any symlink on the way (EscapeError if one is there)."""
-        p = self.at(target)  # the two hot calls of a full check: no context manager
+        p = self.at(target)
         if p is None:
             return None
         try:
@@ -181,14 +180,8 @@ class Host:
             os.close(fd)
 
     def listdir(self, target: str) -> list[str]:
-        with self.parent(target) as p:
-            if p is None:
-                return []
-            fd = os.open(p[1], _DIR_FLAGS, dir_fd=p[0])
-            try:
-                return os.listdir(fd)
-            finally:
-                os.close(fd)
+        fd = self._dir(target)
+        return [] if fd is None else os.listdir(fd)
 
     # --- ownership ---------------------------------------------------------------------
 
@@ -250,89 +243,86 @@ class Host:
     def write_file(self, target: str, data: bytes, mode: int, uid: int, gid: int) -> None:
         """Atomic: temp file in the same directory with final mode and owner, fsync,
         renameat, fsync of the directory. Missing parents are made first."""
-        with self.parent(target, create=True) as p:
-            assert p is not None
-            write_at(p[0], p[1], data, mode, uid, gid)
+        p = self.at(target, create=True)
+        assert p is not None
+        write_at(p[0], p[1], data, mode, uid, gid)
 
     def set_meta(self, target: str, mode: int, uid: int, gid: int, want_dir: bool) -> None:
         """fchown+fchmod on an fd opened with O_NOFOLLOW: a symlink swapped in is refused."""
-        with self.parent(target) as p:
-            if p is None:
-                raise ApplyError(f"{target} disappeared while being converged")
-            try:
-                fd = os.open(p[1], _READ_FLAGS | (os.O_DIRECTORY if want_dir else 0),
-                             dir_fd=p[0])
-            except OSError as e:
-                raise ApplyError(f"{target} changed on the host while being converged "
-                                 f"({e.strerror}); refusing to follow it") from None
-            try:
-                st = os.fstat(fd)
-                if (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)) is False:
-                    raise ApplyError(f"{target} is now a {kind_name(st.st_mode)} on the host; "
-                                     f"refusing to change it")
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
+        p = self.at(target)
+        if p is None:
+            raise ApplyError(f"{target} disappeared while being converged")
+        try:
+            fd = os.open(p[1], _READ_FLAGS | (os.O_DIRECTORY if want_dir else 0),
+                         dir_fd=p[0])
+        except OSError as e:
+            raise ApplyError(f"{target} changed on the host while being converged "
+                             f"({e.strerror}); refusing to follow it") from None
+        try:
+            st = os.fstat(fd)
+            if (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)) is False:
+                raise ApplyError(f"{target} is now a {kind_name(st.st_mode)} on the host; "
+                                 f"refusing to change it")
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
     def mkdir(self, target: str, mode: int, uid: int, gid: int) -> None:
-        with self.parent(target, create=True) as p:
-            assert p is not None
-            os.mkdir(p[1], 0o700, dir_fd=p[0])
-            fd = os.open(p[1], _DIR_FLAGS, dir_fd=p[0])
-            try:
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-            os.fsync(p[0])
+        p = self.at(target, create=True)
+        assert p is not None
+        os.mkdir(p[1], 0o700, dir_fd=p[0])
+        fd = os.open(p[1], _DIR_FLAGS, dir_fd=p[0])
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.fsync(p[0])
 
     def symlink(self, target: str, points_to: str) -> None:
-        with self.parent(target, create=True) as p:
-            assert p is not None
-            tmp = tmp_name(p[1])
-            os.symlink(points_to, tmp, dir_fd=p[0])
-            try:
-                os.rename(tmp, p[1], src_dir_fd=p[0], dst_dir_fd=p[0])
-            except BaseException:
-                _unlink_quiet(tmp, p[0])
-                raise
-            os.fsync(p[0])
+        p = self.at(target, create=True)
+        assert p is not None
+        tmp = tmp_name(p[1])
+        os.symlink(points_to, tmp, dir_fd=p[0])
+        try:
+            os.rename(tmp, p[1], src_dir_fd=p[0], dst_dir_fd=p[0])
+        except BaseException:
+            _unlink_quiet(tmp, p[0])
+            raise
+        os.fsync(p[0])
 
     def remove(self, target: str) -> None:
-        with self.parent(target) as p:
-            if p is None:
-                return
-            st = os.stat(p[1], dir_fd=p[0], follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                self._forget(tuple(self.parts(target)))
-                os.rmdir(p[1], dir_fd=p[0])
-            else:
-                os.unlink(p[1], dir_fd=p[0])
-            os.fsync(p[0])
+        p = self.at(target)
+        if p is None:
+            return
+        st = os.stat(p[1], dir_fd=p[0], follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            self._forget(tuple(self.parts(target)))
+            os.rmdir(p[1], dir_fd=p[0])
+        else:
+            os.unlink(p[1], dir_fd=p[0])
+        os.fsync(p[0])
 
     def clean_stale_tmp(self, directory: str) -> list[str]:
         """Remove temp files a killed agent left in a managed directory (not ours, and
         their pid no longer an agent). Returns the names removed."""
-        removed = []
-        probe = directory.rstrip("/") + "/x"
+        removed: list[str] = []
         try:
-            with self.parent(probe) as p:
-                if p is None:
-                    return []
-                for name in os.listdir(p[0]):
-                    m = TMP_RE.match(name)
-                    if m is None or _alive(int(m.group(1))):
-                        continue
-                    try:
-                        st = os.stat(name, dir_fd=p[0], follow_symlinks=False)
-                        if not stat.S_ISDIR(st.st_mode):
-                            os.unlink(name, dir_fd=p[0])
-                            removed.append(directory.rstrip("/") + "/" + name)
-                    except OSError:
-                        pass
+            fd = self._dir(directory)
+            names = os.listdir(fd) if fd is not None else []
         except (ApplyError, OSError):
             return removed
+        for name in names:
+            m = TMP_RE.match(name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            try:
+                if not stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=fd)
+                    removed.append(directory.rstrip("/") + "/" + name)
+            except OSError:
+                pass
         return removed
 
     # --- the running kernel (only with root: /) -------------------------------------------

@@ -73,8 +73,7 @@ def _argv(env: Env, tool: str, *args: str) -> list[str]:
 def _run(env: Env, ident: str, argv: list[str]) -> None:
     if env.host.root != "/":
         # shadow-utils locks and rewrites ROOT/etc/*: the directory must exist
-        with env.host.parent("/etc/passwd", create=True):
-            pass
+        env.host.at("/etc/passwd", create=True)
     r = env.host.run(argv)
     if not r.ok:
         raise ApplyError(f"{ident}: {' '.join(argv[:1] + argv[-1:])}: {r.error_text()}")

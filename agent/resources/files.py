@@ -220,9 +220,9 @@ def _symlink(res: Resource, ctx: Ctx, dry: bool) -> Change:
                          f"replace it")
     current = None
     if st is not None and stat.S_ISLNK(st.st_mode):
-        with host.parent(res.name) as p:
-            assert p is not None
-            current = os.readlink(p[1], dir_fd=p[0])
+        p = host.at(res.name)
+        assert p is not None
+        current = os.readlink(p[1], dir_fd=p[0])
     if current == target:
         change.msg = f"points to {target}"
     else:
