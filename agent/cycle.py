@@ -194,7 +194,7 @@ class _Cycle:
                 self.target = result.commit = check
                 result.signer = verdict.signer
                 result.warnings.extend(verdict.warnings)
-                result.commit_time = self.mirror.commit_time(check)
+                result.commit_time = verdict.commit_time
                 if self.tip is None:
                     log.warning("cycle: converging last good %s (%s)", check[:12],
                                 result.offline_reason,

@@ -48,6 +48,7 @@ class Verdict:
     reason: str = ""
     rule: str = ""
     warnings: list[str] = field(default_factory=list)
+    commit_time: int = 0  # the committer time gate() read, for the cycle's record
 
     def to_json(self) -> dict[str, Any]:
         return {"verdict": "good" if self.good else "bad", "commit": self.commit,
@@ -337,18 +338,28 @@ def _gpg_verdict(status: list[list[str]], commit: str) -> Verdict:
 def gate(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, tip: str,
          st: dict[str, Any], host: Host | None = None) -> Verdict:
     """Decide whether `tip` may be applied; raise TrustError (commit, rule, key) if not."""
+    tip_time = commit_time(mirror, tip)  # a tip that is not a parseable commit stops here
+    verdicts = _Verdicts(tcfg, mirror, state, host)  # the cache read once, saved once
+    try:
+        v = _gate(tcfg, mirror, tip, tip_time, st, verdicts)
+    finally:
+        verdicts.save()
+    v.commit_time = tip_time
+    return v
+
+
+def _gate(tcfg: TrustConfig, mirror: Mirror, tip: str, tip_time: int, st: dict[str, Any],
+          verdicts: _Verdicts) -> Verdict:
     last_good = st.get("last_good")
     warnings: list[str] = []
-    tip_time = commit_time(mirror, tip)  # a tip that is not a parseable commit stops here
-
     anchor = last_good
     last_time = st.get("last_good_committer_time")
     if last_good and tip != last_good and tcfg.unsigned != "allow":
         # last good must still pass the trust files as they are now: a key removed from
         # allowed_signers takes its commits' standing with it
-        lg = _verdicts(tcfg, mirror, state, [last_good], host=host)[0]
+        lg = verdicts.of([last_good])[0]
         if not lg.good:
-            anchor = _newest_trusted_ancestor(tcfg, mirror, state, last_good, host)
+            anchor = _newest_trusted_ancestor(mirror, last_good, verdicts)
             why = (f"last good {last_good[:12]} no longer passes the trust files ({lg.reason})"
                    f"; it is not enforced any more")
             if anchor is None or not mirror.descends(tip, anchor):
@@ -405,14 +416,13 @@ def gate(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, tip: str,
     commits = [tip]
     if tcfg.require == "all" and anchor and tip != anchor:
         commits = mirror.history(tip, hide=anchor)
-    verdicts = _verdicts(tcfg, mirror, state, commits, stop_at_bad=True, host=host)
-    for v in verdicts:
+    for v in verdicts.of(commits, stop_at_bad=True):
         if not v.good:
             where = "" if v.commit == tip else f" (in the range to tip {tip[:12]}, require: all)"
             raise TrustError(f"{v.reason}{where}", commit=v.commit, rule=v.rule,
                              key=v.key or "")
-    tip_verdict = next(v for v in verdicts if v.commit == tip)
-    tip_verdict.warnings = warnings + list(_cache_warnings(state))
+    tip_verdict = verdicts.of([tip])[0]
+    tip_verdict.warnings = warnings + verdicts.warnings
     log.info("verify: %s @%s", tip_verdict.reason, tip[:7],
              extra={"COMMIT": tip, "STAGE": "verify"})
     return tip_verdict
@@ -436,53 +446,68 @@ def commit_time(mirror: Mirror, commit: str) -> int:
         raise TrustError(str(e), commit=commit, rule="malformed-commit") from None
 
 
-def _verdicts(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, commits: list[str],
-              stop_at_bad: bool = False, host: Host | None = None) -> list[Verdict]:
-    """Verdicts of `commits` under the trust files as they are now, through the cache
-    (keyed by the digest of the trust files: editing them invalidates every verdict)."""
-    paths = (tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
-    try:
-        cache_key = trust_digest(*paths)  # a verdict depends on the commit and these only
-    except TrustError as e:
-        raise TrustError(str(e), commit=commits[0] if commits else "",
-                         rule="trust-files") from None
-    cache = state.load_verdicts() if state is not None else {}
-    if cache.get("key") != cache_key:
-        cache = {"key": cache_key, "verdicts": {}, "warnings": []}
-    verifier: Verifier | None = None  # parsed (and cryptography imported) only on a miss
-    out = []
-    dirty = False
-    for commit in commits:
-        cached = cache["verdicts"].get(commit)
-        if cached is not None:
-            v = Verdict(commit, cached["good"], cached.get("signer"), cached.get("key"),
-                        cached.get("reason", ""), cached.get("rule", ""))
-        else:
-            if verifier is None:
-                verifier = Verifier(*paths, host=host)
-                cache["warnings"] = verifier.warnings
-            v = verifier.verify(mirror.raw_commit(commit), commit)
-            cache["verdicts"][commit] = {"good": v.good, "signer": v.signer, "key": v.key,
-                                         "reason": v.reason, "rule": v.rule}
-            dirty = True
-        out.append(v)
-        if stop_at_bad and not v.good:
-            break
-    if dirty and state is not None:
-        _save_cache(state, cache)
-    return out
+class _Verdicts:
+    """Verdicts under the trust files as they are now, through the cache in state_dir
+    (keyed by the digest of the trust files: editing them invalidates every verdict).
+    One per gate() call: the trust files are digested and the cache read once, and
+    saved once if anything new was verified."""
+
+    def __init__(self, tcfg: TrustConfig, mirror: Mirror, state: StateDir | None,
+                 host: Host | None) -> None:
+        self.mirror, self.state, self.host = mirror, state, host
+        self.paths = (tcfg.allowed_signers, tcfg.gpg_keyring, tcfg.revoked_keys)
+        self.cache: dict[str, Any] | None = None
+        self.verifier: Verifier | None = None  # parsed (cryptography imported) on a miss
+        self.dirty = False
+
+    def _load(self, first: str) -> dict[str, Any]:
+        if self.cache is None:
+            try:
+                key = trust_digest(*self.paths)  # a verdict depends on these and the commit
+            except TrustError as e:
+                raise TrustError(str(e), commit=first, rule="trust-files") from None
+            cache = self.state.load_verdicts() if self.state is not None else {}
+            if cache.get("key") != key:
+                cache = {"key": key, "verdicts": {}, "warnings": []}
+            self.cache = cache
+        return self.cache
+
+    @property
+    def warnings(self) -> list[str]:
+        return list((self.cache or {}).get("warnings") or [])
+
+    def of(self, commits: list[str], stop_at_bad: bool = False) -> list[Verdict]:
+        cache = self._load(commits[0] if commits else "")
+        out = []
+        for commit in commits:
+            cached = cache["verdicts"].get(commit)
+            if cached is not None:
+                v = Verdict(commit, cached["good"], cached.get("signer"), cached.get("key"),
+                            cached.get("reason", ""), cached.get("rule", ""))
+            else:
+                if self.verifier is None:
+                    self.verifier = Verifier(*self.paths, host=self.host)
+                    cache["warnings"] = self.verifier.warnings
+                v = self.verifier.verify(self.mirror.raw_commit(commit), commit)
+                cache["verdicts"][commit] = {"good": v.good, "signer": v.signer, "key": v.key,
+                                             "reason": v.reason, "rule": v.rule}
+                self.dirty = True
+            out.append(v)
+            if stop_at_bad and not v.good:
+                break
+        return out
+
+    def save(self) -> None:
+        if self.dirty and self.state is not None and self.cache is not None:
+            _save_cache(self.state, self.cache)
+            self.dirty = False
 
 
-def _cache_warnings(state: StateDir | None) -> list[str]:
-    return list((state.load_verdicts() if state is not None else {}).get("warnings") or [])
-
-
-def _newest_trusted_ancestor(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None,
-                             commit: str, host: Host | None = None,
+def _newest_trusted_ancestor(mirror: Mirror, commit: str, verdicts: _Verdicts,
                              limit: int = 1000) -> str | None:
     """The newest ancestor of `commit` that passes the trust files as they are now."""
     for cid in mirror.history(commit, limit=limit):
-        if cid != commit and _verdicts(tcfg, mirror, state, [cid], host=host)[0].good:
+        if cid != commit and verdicts.of([cid])[0].good:
             return cid
     return None
 
