@@ -266,3 +266,28 @@ LogLevel ERROR
 
     def stop(self) -> None:
         stop_server(self)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path):
+    """A started Sshd, stopped after the test."""
+    s = Sshd(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def signed_env_for(tmp_path: Path, signers: dict[str, Path], key: Path) -> dict:
+    """A fleet whose commits `key` signs, an allowed_signers trusting `signers`
+    (principal → private key), and an agent.yaml that refuses unsigned commits."""
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text("".join(allowed_line(p, k.with_suffix(".pub"))
+                               for p, k in signers.items()))
+    fleet = Fleet(tmp_path, key=key)
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
+                       state_dir=tmp_path / "state",
+                       trust={"unsigned": "refuse", "allowed_signers": str(allowed)})
+    return {"fleet": fleet, "cfg": cfg, "root": root, "tmp": tmp_path, "key": key,
+            "state": tmp_path / "state", "allowed": allowed}

@@ -56,13 +56,9 @@ class DripServer:
         self.sock.close()
 
 
-def test_a_slow_drip_server_is_cut_off_by_the_fetch_deadline(tmp_path):
-    fleet = Fleet(tmp_path)
-    root = tmp_path / "root"
-    root.mkdir()
-    state = tmp_path / "state"
-    good = write_config(tmp_path / "good.yaml", url=fleet.bare, root=root, state_dir=state)
-    agent("apply", "--config", str(good), check=0)
+def test_a_slow_drip_server_is_cut_off_by_the_fetch_deadline(tmp_path, env):
+    root, state = env["root"], env["state"]
+    agent("apply", "--config", str(env["cfg"]), check=0)
     (root / "etc/motd").unlink()
     with DripServer() as drip:
         cfg = write_config(tmp_path / "drip.yaml", url=f"git://127.0.0.1:{drip.port}/fleet.git",

@@ -11,18 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Fleet, Sshd, agent, write_config
+from conftest import REPO, Fleet, agent, write_config
 
 
 @pytest.fixture
-def applied(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    root = tmp_path / "root"
-    root.mkdir()
-    state = tmp_path / "state"
-    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root, state_dir=state)
-    agent("apply", "--config", str(cfg), check=0)
-    return {"fleet": fleet, "root": root, "state": state, "cfg": cfg, "tmp": tmp_path}
+def applied(env: dict):
+    """conftest's env after one converged cycle."""
+    agent("apply", "--config", str(env["cfg"]), check=0)
+    return env
 
 
 @pytest.mark.parametrize("name, text, says", [
@@ -135,30 +131,23 @@ def test_good_host_names_pass(tmp_path):
 # --- SFTP drop without pinned host keys ---------------------------------------------------------
 
 
-def test_sftp_without_known_hosts_refuses_even_a_host_in_the_users_known_hosts(tmp_path):
-    fleet = Fleet(tmp_path)
-    sshd = Sshd(tmp_path)
-    sshd.start()
-    try:
-        home = tmp_path / "home"
-        (home / ".ssh").mkdir(parents=True)
-        (home / ".ssh/known_hosts").write_text(sshd.known_hosts.read_text())
-        (home / ".ssh/config").write_text("Host *\n  UserKnownHostsFile none\n"
-                                          "  StrictHostKeyChecking no\n")
-        drop = tmp_path / "drop"
-        drop.mkdir()
-        root = tmp_path / "root"
-        root.mkdir()
-        cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
-                           state_dir=tmp_path / "state",
-                           report={"sftp": {"host": "127.0.0.1", "port": sshd.port,
-                                            "user": "root", "key": str(sshd.client_key),
-                                            "dir": str(drop)}})
-        p = agent("apply", "--config", str(cfg), check=0, env={"HOME": str(home)})
-        assert "report queued" in p.stderr
-        assert list(drop.iterdir()) == []
-    finally:
-        sshd.stop()
+def test_sftp_without_known_hosts_refuses_even_a_host_in_the_users_known_hosts(applied,
+                                                                               sshd):
+    home = applied["tmp"] / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh/known_hosts").write_text(sshd.known_hosts.read_text())
+    (home / ".ssh/config").write_text("Host *\n  UserKnownHostsFile none\n"
+                                      "  StrictHostKeyChecking no\n")
+    drop = applied["tmp"] / "drop"
+    drop.mkdir()
+    cfg = write_config(applied["tmp"] / "sftp.yaml", url=applied["fleet"].bare,
+                       root=applied["root"], state_dir=applied["state"],
+                       report={"sftp": {"host": "127.0.0.1", "port": sshd.port,
+                                        "user": "root", "key": str(sshd.client_key),
+                                        "dir": str(drop)}})
+    p = agent("apply", "--config", str(cfg), check=0, env={"HOME": str(home)})
+    assert "report queued" in p.stderr
+    assert list(drop.iterdir()) == []
 
 
 # --- client verbs with a broken agent.yaml -----------------------------------------------------

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Fleet, agent, allowed_line, git, ssh_key, write_config
+from conftest import Fleet, agent, allowed_line, git, signed_env_for, ssh_key, write_config
 from test_trust import agent_good, both, signed_commit
 from trustkit import git_good, gpg, gpg_key, raw_commit, ssh_sign, strip_sig, with_sig, write_commit
 
@@ -88,16 +88,7 @@ def test_a_commit_libgit2_cannot_parse_is_a_bad_verdict(repo, ed):
 def two_keys(tmp_path: Path):
     a = ssh_key(tmp_path / "a")
     b = ssh_key(tmp_path / "b")
-    allowed = tmp_path / "allowed_signers"
-    allowed.write_text(allowed_line("alice", a.with_suffix(".pub"))
-                       + allowed_line("bob", b.with_suffix(".pub")))
-    fleet = Fleet(tmp_path, key=a)
-    root = tmp_path / "root"
-    root.mkdir()
-    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
-                       state_dir=tmp_path / "state",
-                       trust={"unsigned": "refuse", "allowed_signers": str(allowed)})
-    return {"a": a, "b": b, "allowed": allowed, "fleet": fleet, "root": root, "cfg": cfg}
+    return {"a": a, "b": b, **signed_env_for(tmp_path, {"alice": a, "bob": b}, a)}
 
 
 def _apply(env: dict, code: int) -> dict:

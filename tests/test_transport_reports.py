@@ -13,14 +13,6 @@ import pytest
 from conftest import Fleet, Sshd, agent, ssh_key, write_config
 
 
-@pytest.fixture
-def sshd(tmp_path: Path):
-    s = Sshd(tmp_path)
-    s.start()
-    yield s
-    s.stop()
-
-
 def ssh_config(tmp_path: Path, fleet: Fleet, sshd: Sshd, known_hosts: Path, name: str = "a"):
     root = tmp_path / f"root-{name}"
     root.mkdir(exist_ok=True)

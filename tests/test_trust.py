@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Fleet, agent, allowed_line, git, ssh_key, write_config
+from conftest import Fleet, agent, allowed_line, git, signed_env_for, ssh_key, write_config
 from fido import FidoKey
 from trustkit import (
     git_good,
@@ -369,16 +369,7 @@ def test_verify_cli_contract(repo, ed):
 @pytest.fixture
 def signed_env(tmp_path: Path):
     key = ssh_key(tmp_path / "signing")
-    allowed = tmp_path / "allowed_signers"
-    allowed.write_text(allowed_line("ops@example.com", key.with_suffix(".pub")))
-    fleet = Fleet(tmp_path, key=key)
-    root = tmp_path / "root"
-    root.mkdir()
-    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
-                       state_dir=tmp_path / "state",
-                       trust={"unsigned": "refuse", "allowed_signers": str(allowed)})
-    return {"fleet": fleet, "cfg": cfg, "root": root, "tmp": tmp_path, "key": key,
-            "state": tmp_path / "state", "allowed": allowed}
+    return signed_env_for(tmp_path, {"ops@example.com": key}, key)
 
 
 def apply_json(env: dict, code: int, cfg: Path | None = None) -> dict:
