@@ -5,8 +5,9 @@ Owns: the CLI contract of DESIGN.md (verbs, --config, --json, exit codes: 0 ok,
 line on stderr, never a traceback.
 Must not: do any verb's work itself. The imports of the other modules are inside the
 verbs on purpose: `status` over the socket must not pay for pygit2, Jinja2 or the
-trust code, so each verb loads only what it uses (the one exception to "imports at
-the top" in this package, with sshsig's cryptography and isolate's pickle).
+trust code, so each verb loads only what it uses (the exception to "imports at the
+top" in this package, with sshsig's cryptography, isolate's pickle and cycle's render,
+which a no-op cycle never needs).
 """
 
 from __future__ import annotations
