@@ -121,9 +121,53 @@ class Converger:
 
     # --- converge ----------------------------------------------------------------------
 
-    def converge(self, plan: Plan, should_stop: Callable[[], bool] = lambda: False
+    # --- the journal -----------------------------------------------------------------
+
+    def snapshot(self, plan: Plan) -> list[dict[str, Any]]:
+        """The prior state of every resource the plan will touch, in plan order: what a
+        rollback puts back. Taken before the first write."""
+        out = []
+        for step in plan.steps:
+            if not step.change.changed or step.change.failed:
+                continue
+            if step.resource is not None:
+                kind, name = KINDS[step.resource.kind], step.resource.name
+            else:
+                entry = step.prune_entry or {}
+                kind, name = KINDS[entry["kind"]], entry["name"]
+            prior = _try(lambda k=kind, i=step.change.id, n=name: k.snapshot(i, n, self.env),
+                         None)
+            out.append({"id": step.change.id, "kind": kind.name, "name": name,
+                        "prior": prior})
+        return out
+
+    def rollback(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                 commit: str = "") -> list[Change]:
+        """Put back what `records` journaled: kinds in stage order (packages before the
+        files they own, unit files and daemon-reload before services), each kind's own
+        records newest first. Every kind is asked, so restarts are redone too."""
+        results: list[Change] = []
+        kinds = sorted({k.name: k for k in KINDS.values()}.values(), key=lambda k: k.stage)
+        for kind in kinds:
+            mine = [r for r in records if r.get("kind") == kind.name]
+            unsaved = [r for r in mine if r.get("prior") is None]
+            for r in unsaved:
+                results.append(Change(r["id"], failed=True, action="rollback",
+                                      msg="its prior state could not be read: left as applied"))
+            saved = [r for r in mine if r.get("prior") is not None]
+            self.host.forget_ids()
+            fallback = [Change(r["id"], failed=True, action="rollback", msg="rollback crashed")
+                        for r in saved]
+            for c in _try(lambda k=kind, rs=saved: k.restore(rs, marks, self.env), fallback):
+                results.append(c)
+                _log(c, commit)
+        return results
+
+    def converge(self, plan: Plan, should_stop: Callable[[], bool] = lambda: False,
+                 mark: Callable[[Change], None] = lambda c: None
                  ) -> tuple[list[Change], dict[str, Any]]:
-        """Apply the planned steps in order; return the Changes and the new manifest."""
+        """Apply the planned steps in order; return the Changes and the new manifest.
+        `mark` hears of every change made, right after the agent made it (the journal)."""
         results: list[Change] = []
         manifest: dict[str, Any] = {}
         done: list[tuple[Resource, Change]] = []
@@ -173,6 +217,8 @@ class Converger:
                 done.append((res, change))
             results.append(change)
             _log(change, plan.commit)
+            if change.changed:
+                mark(change)
         for kind in KINDS.values():
             for c in kind.finish(self.env):
                 results.append(c)
@@ -181,6 +227,8 @@ class Converger:
             for c in kind.handlers(done, self.env, should_stop):
                 results.append(c)
                 _log(c, plan.commit)
+                if c.changed:
+                    mark(c)
         # Signatures last: writing a file bumps its directory's mtime, so a directory's
         # signature taken before its files were written would never match again.
         for entry in manifest.values():
@@ -213,6 +261,18 @@ class Converger:
             for name in self.host.clean_stale_tmp(d):
                 log.info("converge: removed %s, left by an interrupted agent", name,
                          extra={"STAGE": "converge"})
+
+
+def plan_digest(desired: DesiredState) -> str:
+    """What this host would be made into: every declared resource's digest and the
+    health settings. Two commits with the same plan digest are the same change here."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(desired.health, sort_keys=True).encode())
+    for ident, digest in sorted((r.identity, r.digest()) for r in desired.resources):
+        h.update(f"{ident}\0{digest}\n".encode())
+    return h.hexdigest()
 
 
 def _try(fn: Callable[[], Any], default: Any) -> Any:

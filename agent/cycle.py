@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, trust
+from . import __version__, health, trust
 from . import facts as facts_mod
 from .config import Config, host_name_problem
-from .converge import Converger, Plan, clean
+from .converge import Converger, Plan, clean, plan_digest
 from .errors import AgentError, ConfigError, RenderError, SourceError, TrustError
 from .host import Host
+from .journal import Journal
 from .model import DesiredState
 from .resources import Change
 from .source import LAST_GOOD_REF, Mirror
@@ -34,7 +35,8 @@ log = logging.getLogger("agent.cycle")
 class CycleResult:
     started: float
     finished: float = 0.0
-    state: str = "failed"  # converged | failed | offline | rejected | planned
+    # converged | failed | offline | rejected | planned | rolled-back | degraded
+    state: str = "failed"
     commit: str | None = None
     tip: str | None = None
     signer: str | None = None
@@ -48,6 +50,11 @@ class CycleResult:
     fast_path: bool = False
     processes: int = 0  # subprocesses the cycle ran (dpkg-query, systemctl, apt-get, ...)
     commit_time: int = 0  # committer time of the applied commit (tip age, freshness)
+    trial: dict[str, Any] | None = None  # the health-check trial of a new revision
+    after_rollback: dict[str, Any] | None = None  # the checks again, after a rollback
+    recovered: str = ""  # the commit of an interrupted apply rolled back on start
+    rolled_back: str = ""  # why this cycle put the host back to last good
+    quarantined: str = ""  # the tip, when it is quarantined on this host
 
     @property
     def changed(self) -> int:
@@ -68,7 +75,9 @@ class CycleResult:
                "rejected": self.rejected, "warnings": self.warnings, "errors": self.errors,
                "changed": self.changed, "failed": self.failed, "last_good": self.last_good,
                "fast_path": self.fast_path, "processes": self.processes,
-               "commit_time": self.commit_time}
+               "commit_time": self.commit_time, "trial": self.trial,
+               "after_rollback": self.after_rollback, "recovered": self.recovered,
+               "rolled_back": self.rolled_back, "quarantined": self.quarantined}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -90,15 +99,17 @@ def host_identity(cfg: Config) -> tuple[str, dict[str, str]]:
 
 
 def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
-              lock_wait: float = 0.0, should_stop: Callable[[], bool] = lambda: False
+              lock_wait: float = 0.0, should_stop: Callable[[], bool] = lambda: False,
+              on_phase: Callable[[str], None] = lambda phase: None
               ) -> tuple[CycleResult, Plan | None]:
-    """Run one cycle. Returns the result and, for dry runs, the Plan."""
+    """Run one cycle. Returns the result and, for dry runs, the Plan. `on_phase` hears
+    "verifying" when a trial starts (the daemon shows it in status)."""
 
     state = StateDir(cfg.state_dir)
     state.lock(wait=lock_wait)
     hosts: list[Host] = []
     try:
-        return _run(cfg, state, dry_run, fetch, should_stop, hosts)
+        return _run(cfg, state, dry_run, fetch, should_stop, hosts, on_phase)
     finally:
         for h in hosts:
             h.close()  # the directory fds held for the cycle
@@ -106,9 +117,12 @@ def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
 
 
 def _run(cfg: Config, state: StateDir, dry_run: bool, fetch: bool,
-         should_stop: Callable[[], bool], hosts: list[Host]) -> tuple[CycleResult, Plan | None]:
+         should_stop: Callable[[], bool], hosts: list[Host],
+         on_phase: Callable[[str], None]) -> tuple[CycleResult, Plan | None]:
     cycle = _Cycle(cfg, state, dry_run, fetch, should_stop, hosts)
+    cycle.on_phase = on_phase
     try:
+        cycle.recover()
         cycle.fetch()
         cycle.verify()
         cycle.prepare()
@@ -116,6 +130,8 @@ def _run(cfg: Config, state: StateDir, dry_run: bool, fetch: bool,
         cycle.converge()
     except _Done:
         pass
+    if cycle.st.get("degraded") and cycle.result.state in ("converged", "rolled-back"):
+        cycle.result.state = "degraded"  # loud until a new revision passes its trial
     return _finish(cfg, state, cycle.result, cycle.st, dry_run), cycle.plan
 
 
@@ -143,6 +159,54 @@ class _Cycle:
         self.target: str = ""
         self.plan: Plan | None = None
         self.desired: DesiredState | None = None
+        self.on_phase: Callable[[str], None] = lambda phase: None
+
+    def _converger(self, full_check: bool) -> Converger:
+        cfg = self.cfg
+        return Converger(self.host, self.state, self.manifest, full_check=full_check,
+                         package_backend=None if cfg.package_backend == "auto"
+                         else cfg.package_backend)
+
+    # --- an apply that did not finish is undone first --------------------------------------
+
+    def recover(self) -> None:
+        """A journal left by a killed agent (or a crash, a power cut) is rolled back
+        before anything else: the host goes back to where that apply started."""
+        if self.dry_run:
+            return
+        head, marks = Journal.unfinished(self.state)
+        if head is None:
+            return
+        commit = str(head.get("commit") or "?")
+        records = head.get("records")
+        if not isinstance(records, list):
+            records = []
+        try:
+            self.host.check_root()
+        except AgentError as e:
+            self.result.errors.append(f"recovery of {commit[:12]}: {e}")
+            raise _Done from None
+        changes = self._converger(True).rollback(records, marks, commit)
+        failed = [c for c in changes if c.failed]
+        during = " during its health-check trial" if head.get("phase") == "trial" else ""
+        msg = (f"recovered from an interrupted apply of {commit[:12]}{during}: "
+               f"{sum(c.changed for c in changes)} resources put back"
+               + (f", {len(failed)} could not be" if failed else ""))
+        self.result.recovered = commit
+        self.result.warnings.append(msg)
+        self.result.warnings.extend(f"{c.id}: {c.msg}" for c in failed)
+        self.result.changes.extend(changes)
+        log.warning("journal: %s", msg, extra={"COMMIT": commit, "STAGE": "recover"})
+        self._invalidate_manifest()
+        self.state.clear_journal()
+
+    def _invalidate_manifest(self) -> None:
+        """The manifest stays the one of last good but no longer lets a cycle skip work."""
+        self.manifest = {**self.manifest, "commit": None, "render_key": None}
+        try:
+            self.state.save_manifest(self.manifest)
+        except AgentError as e:
+            self.result.errors.append(str(e))
 
     def _last_good_here(self) -> bool:
         return bool(self.last_good) and self.mirror.has_commit(self.last_good)
@@ -225,6 +289,11 @@ class _Cycle:
             self.result.errors.append(str(e))
             raise _Done from None
         self.name, self.labels = host_identity(self.cfg)
+        if self.target != self.last_good:  # a known bad tip: no need to render it again
+            bad = next((q for q in self.state.load_quarantine() if q["commit"] == self.target),
+                       None)
+            if bad is not None:
+                self._hold(bad)
         self.facts = facts_mod.gather()
         self.key = render_key(self.target, self.name, self.labels, self.facts.digest())
         self.now = time.time()
@@ -238,6 +307,20 @@ class _Cycle:
             raise _Done
 
     # --- render ----------------------------------------------------------------------------
+
+    def _hold(self, bad: dict[str, Any]) -> None:
+        """The tip is quarantined here: stay on last good, and say why."""
+        result, tip = self.result, self.target
+        result.quarantined = tip
+        why = (f"tip {tip[:12]} is quarantined: " + (
+            "it" if bad["commit"] == tip else f"its plan is the one of {bad['commit'][:12]},"
+            " which") + f" failed health check {bad.get('check') or '?'}; "
+            f"`gitops-agent quarantine clear {bad['commit'][:12]}` to try it again")
+        result.rolled_back = why
+        if not self._last_good_here():
+            result.errors.append(why)
+            raise _Done
+        self._use_last_good(why)
 
     def _render(self, commit: str) -> DesiredState:
         # imported here, not at the top: a no-op cycle never renders, and importing
@@ -263,17 +346,25 @@ class _Cycle:
             return self._render(commit)
 
     def render(self) -> None:
-        """A tip that cannot be rendered leaves the host on last good (the cycle fails)."""
+        """A tip that cannot be rendered leaves the host on last good (the cycle fails);
+        so does a quarantined one (its plan for this host failed its health checks)."""
         result = self.result
         try:
             self.desired = self._render_healing(self.target)
-            return
+            if self.target == self.last_good:
+                return
+            digest = plan_digest(self.desired)
+            bad = next((q for q in self.state.load_quarantine() if q["plan"] == digest), None)
+            if bad is None:
+                return
+            self._hold(bad)
         except (RenderError, SourceError) as e:
             result.errors.append(str(e))
             log.error("%s", e, extra={"COMMIT": self.target, "STAGE": "render"})
         if self.target == self.last_good or not self._last_good_here():
             raise _Done
-        self._use_last_good("the tip cannot be rendered")
+        if not result.quarantined:
+            self._use_last_good("the tip cannot be rendered")
         self.key = render_key(self.target, self.name, self.labels, self.facts.digest())
         try:
             self.desired = self._render(self.target)
@@ -284,11 +375,9 @@ class _Cycle:
     # --- plan, converge, record ------------------------------------------------------------
 
     def converge(self) -> None:
-        result, cfg = self.result, self.cfg
-        conv = Converger(self.host, self.state, self.manifest,
-                         full_check=self.full_check or self.dry_run,
-                         package_backend=None if cfg.package_backend == "auto"
-                         else cfg.package_backend)
+        result = self.result
+        conv = self._converger(self.full_check or self.dry_run)
+        assert self.desired is not None
         self.plan = plan = conv.plan(self.desired)
         escapes = [c for c in plan.changes if c.data.get("refused")]
         if escapes:
@@ -304,29 +393,145 @@ class _Cycle:
             result.processes = self.host.spawned
             result.state = "planned"
             raise _Done
-        changes, new_resources = conv.converge(plan, self.should_stop)
-        result.changes = changes
+        digest = plan_digest(self.desired)
+        new_rev = self.target != self.last_good
+        journal = Journal(self.state)
+        if any(s.change.changed and not s.change.failed for s in plan.steps):
+            try:
+                journal.begin(self.target, self.last_good, digest, conv.snapshot(plan))
+            except (AgentError, OSError) as e:
+                result.errors.append(f"journal: cannot record the prior state, so nothing is "
+                                     f"changed: {e}")
+                raise _Done from None
+        changes, new_resources = conv.converge(plan, self.should_stop, journal.mark)
+        result.changes.extend(changes)
         result.processes = self.host.spawned
-        checked_at = self.now if self.full_check else self.manifest.get("full_check_at",
-                                                                          self.now)
-        try:
-            self.state.save_manifest({"commit": self.target, "render_key": self.key,
-                                      "full_check_at": checked_at, "host": self.name,
-                                      "resources": new_resources})
-        except AgentError as e:
-            result.errors.append(str(e))  # not recorded: last good must not move either
+        if not result.ok:
+            if journal.active and new_rev:
+                why = ("the agent is shutting down" if self.should_stop()
+                       else f"{result.failed} resources failed to apply")
+                self._rollback(conv, journal, why)
+            else:
+                journal.close()
+                self._save_manifest(new_resources, complete=False)
+            result.state = _final_state(result)
+            raise _Done
+        checks = health.checks_of(self.desired.resources, [
+            c.data["health"]["systemd"] for c in changes
+            if c.changed and not c.failed and "systemd" in c.data.get("health", {})])
+        if new_rev and journal.active and checks:
+            journal.phase("trial")
+            self.on_phase("verifying")
+            runner = health.Runner(fetch=self._probe_source)
+            trial = health.trial(checks, self.desired.health, runner, self.should_stop)
+            result.trial = trial.to_json()
+            if not trial.ok:
+                self._failed_trial(conv, journal, trial, digest, runner)
+                raise _Done
+        self._save_manifest(new_resources, complete=True)
         if result.ok:
-            if self.target != self.last_good:
+            if new_rev:
                 self.st["last_good"] = self.target
                 self.st["last_good_time"] = time.time()
                 self.st["last_good_signer"] = result.signer
                 self.st["last_good_committer_time"] = result.commit_time
                 self.mirror.set_ref(LAST_GOOD_REF, self.target)
+            if new_rev or "checks" not in self.st:
+                self.st["checks"] = [c for c in checks if not c.get("no_restart")]
+            if new_rev and result.trial is not None:
+                self.st.pop("degraded", None)
             result.last_good = self.target
+            try:
+                self.state.save_state(self.st)  # last good moves before the journal goes
+            except AgentError as e:
+                result.errors.append(str(e))
+        journal.close()
         result.state = _final_state(result)
+
+    def _save_manifest(self, resources: dict[str, Any], complete: bool) -> None:
+        checked_at = self.now if self.full_check else self.manifest.get("full_check_at",
+                                                                          self.now)
+        # an incomplete apply (a failed resource) never lets the next cycle skip work
+        try:
+            self.state.save_manifest({"commit": self.target if complete else None,
+                                      "render_key": self.key if complete else None,
+                                      "full_check_at": checked_at, "host": self.name,
+                                      "resources": resources})
+        except AgentError as e:
+            self.result.errors.append(str(e))  # not recorded: last good must not move either
+
+    def _probe_source(self) -> str:
+        """The fetch check: can this host still reach its Git source? ("" = yes)"""
+        fetched = self.mirror.fetch(self.should_stop)
+        return "; ".join(fetched.errors) if fetched.offline else ""
+
+    def _rollback(self, conv: Converger, journal: Journal, why: str) -> list:
+        assert journal.head is not None
+        undo = conv.rollback(journal.head["records"], journal.marks(), self.target)
+        self.result.changes.extend(undo)
+        back = self.last_good[:12] if self.last_good else "the state before the agent"
+        self.result.rolled_back = f"{self.target[:12]} rolled back to {back}: {why}"
+        self.result.errors.append(self.result.rolled_back)
+        self.result.errors.extend(f"rollback: {c.id}: {c.msg}" for c in undo if c.failed)
+        log.error("cycle: %s", self.result.rolled_back,
+                  extra={"COMMIT": self.target, "STAGE": "rollback"})
+        self._invalidate_manifest()
+        journal.close()
+        return undo
+
+    def _failed_trial(self, conv: Converger, journal: Journal, trial: health.Trial,
+                      digest: str, runner: health.Runner) -> None:
+        """Roll back, look again, quarantine the commit (not when the trial was cut short
+        by a shutdown: that commit is tried again)."""
+        result = self.result
+        failing = trial.failing
+        if trial.stopped:
+            self._rollback(conv, journal, "the agent stopped during the health-check trial")
+            result.state = "failed"
+            return
+        what = (f"health check {failing.name} failed: {failing.output}" if failing
+                else "the health checks did not hold for the whole window")
+        undo = self._rollback(conv, journal, what)
+        # the checks of the revision now on the host (last good's), and the services the
+        # failed revision restarted: they must be up again on the old configuration
+        again = list(self.st.get("checks") or []) + [
+            {**health.implicit(u), "no_restart": False} for u in dict.fromkeys(
+                c.data["health"]["systemd"] for c in result.changes
+                if c.changed and "systemd" in c.data.get("health", {}))]
+        after = health.trial(again, {**self.desired.health, "window": 0.0}, health.Runner(
+            fetch=self._probe_source), self.should_stop) if again else health.Trial(True)
+        result.after_rollback = after.to_json()
+        q = [x for x in self.state.load_quarantine() if x["plan"] != digest]
+        q.append({"commit": self.target, "plan": digest, "at": time.time(),
+                  "check": failing.name if failing else "", "output":
+                  failing.output if failing else "", "host": self.name,
+                  "rolled_back_to": self.last_good})
+        try:
+            self.state.save_quarantine(q[-100:])
+        except AgentError as e:
+            result.errors.append(str(e))
+        result.quarantined = self.target
+        self.st["rollbacks"] = int(self.st.get("rollbacks") or 0) + 1
+        if after.ok:
+            self.st.pop("degraded", None)
+            result.state = "rolled-back"
+        else:
+            bad = after.failing
+            self.st["degraded"] = {"commit": self.target, "since": time.time(),
+                                   "check": bad.name if bad else "",
+                                   "output": bad.output if bad else ""}
+            result.errors.append(f"degraded: after the rollback, health check "
+                                 f"{bad.name if bad else '?'} still fails: "
+                                 f"{bad.output if bad else ''}; manual intervention needed")
+            result.state = "degraded"
+        log.error("cycle: %s; quarantined for this host (%d resources put back)",
+                  result.rolled_back, sum(c.changed for c in undo),
+                  extra={"COMMIT": self.target, "STAGE": "trial"})
 
 
 def _final_state(result: CycleResult) -> str:
+    if result.quarantined:
+        return "rolled-back"
     if not result.ok:
         return "failed"
     if result.rejected:
@@ -350,6 +555,9 @@ def _finish(cfg: Config, state: StateDir, result: CycleResult, st: dict,
             "finished": result.finished, "result": result.state, "changed": result.changed,
             "failed": result.failed, "offline": result.offline, "rejected": result.rejected,
             "errors": result.errors, "fast_path": result.fast_path,
+            "recovered": result.recovered, "rolled_back": result.rolled_back,
+            "quarantined": result.quarantined,
+            "trial": (result.trial or {}).get("failing"),
         })
     except (AgentError, OSError) as e:
         result.errors.append(f"state: recording the cycle failed: {e}")

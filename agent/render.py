@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import isolate
+from .config import parse_duration
 from .errors import RenderError, TreeError
 from .facts import Facts
 from .model import DesiredState, Resource
@@ -28,9 +29,12 @@ from .yamlsrc import LineDict, YamlError, load
 
 # a role or host file: vars and one key per resource kind (files, packages, ...)
 _ROLE_KEYS = {"vars", *ROLE_KEYS}
-_HOST_KEYS = _ROLE_KEYS | {"roles"}
-_GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars"}
-_FLEET_KEYS = {"vars", "groups"}
+_HOST_KEYS = _ROLE_KEYS | {"roles", "health"}
+_GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars", "health"}
+_FLEET_KEYS = {"vars", "groups", "health"}
+# the trial after a new revision is applied (health.py): all required checks must hold
+# for `window`, within `timeout`, looked at every `interval`
+HEALTH_DEFAULTS = {"window": 60.0, "timeout": 180.0, "interval": 5.0}
 
 
 class _TreeLoader:
@@ -127,6 +131,8 @@ class Renderer:
         fleet_vars = self._typed(fleet, "vars", dict, "fleet.yaml") or {}
         groups = self._typed(fleet, "groups", list, "fleet.yaml") or []
 
+        health = dict(HEALTH_DEFAULTS)
+        self._health(fleet, "fleet.yaml", health)
         roles: list[tuple[str, str]] = []  # (role, where it was asked for)
         group_vars: list[dict] = []
         for i, group in enumerate(groups):
@@ -137,6 +143,7 @@ class Renderer:
                 for r in self._typed(group, "roles", list, f"groups[{i}]") or []:
                     roles.append((r, group.where("roles")))
                 group_vars.append(self._typed(group, "vars", dict, f"groups[{i}]") or {})
+                self._health(group, f"fleet.yaml groups[{i}]", health)
 
         host_file = f"hosts/{self.host}.yaml"
         host_doc = self._yaml(host_file, required=False)
@@ -146,6 +153,7 @@ class Renderer:
             for r in self._typed(host_doc, "roles", list, host_file) or []:
                 roles.append((r, host_doc.where("roles")))
             host_vars = self._typed(host_doc, "vars", dict, host_file) or {}
+            self._health(host_doc, host_file, health)
 
         role_docs: list[tuple[str, LineDict]] = []
         seen = set()
@@ -171,8 +179,11 @@ class Renderer:
         merged.update(host_vars)
         merged = _plain(merged)
 
+        if health["window"] > health["timeout"]:
+            raise RenderError(f"render: health.window ({health['window']:g}s) is longer than "
+                              f"health.timeout ({health['timeout']:g}s): no trial could pass")
         state = DesiredState(self.host, self.tree.commit, [r for r, _ in roles if r in seen],
-                             merged)
+                             merged, health=health)
         declared: dict[str, tuple[Resource, str]] = {}
         sources = list(role_docs) + ([(host_file, host_doc)] if host_doc is not None else [])
         for path, doc in sources:
@@ -192,6 +203,22 @@ class Renderer:
                                       f"resources (limits.max_files) at {res.identity} "
                                       f"({res.origin})")
         return state
+
+    def _health(self, doc: LineDict, what: str, into: dict[str, float]) -> None:
+        spec = self._typed(doc, "health", dict, what)
+        if spec is None:
+            return
+        self._keys(spec, set(HEALTH_DEFAULTS), f"{what} health")
+        for key in HEALTH_DEFAULTS:
+            if key in spec:
+                try:
+                    into[key] = parse_duration(spec[key])
+                except ValueError as e:
+                    raise RenderError(f"render: {what} health.{key}: {e} "
+                                      f"({spec.where(key)})") from None
+                if key == "interval" and into[key] <= 0:
+                    raise RenderError(f"render: {what} health.interval must be more than 0s "
+                                      f"({spec.where(key)})")
 
     def _matches(self, group: LineDict, i: int) -> bool:
         self._keys(group, _GROUP_KEYS, f"fleet.yaml groups[{i}]")

@@ -11,6 +11,10 @@ Layout:
     history.jsonl    one JSON object per cycle
     verdicts.json    trust verdict cache, keyed by commit and trust-config digest
     backup/<sha256 of path>.json   a file's original content and mode, saved when first taken over
+    journal.json     the apply in progress: commit, phase, each touched resource's prior state
+    journal.log      one line per resource the agent wrote in that apply (done marks)
+    blobs/<sha256>   content-addressed prior file contents for the journal (0600)
+    quarantine.json  commits whose health checks failed on this host, by plan digest
     lock             flock()ed by the process that runs a cycle
     mirror.git/      the bare pygit2 mirror
 """
@@ -36,7 +40,8 @@ _OPT_STR = (str, type(None))
 _OPT_NUM = (int, float, type(None))
 _STATE_SHAPE = {"last_good": _OPT_STR, "last_good_time": _OPT_NUM,
                 "last_good_signer": _OPT_STR, "last_good_committer_time": _OPT_NUM,
-                "last_cycle": (dict, type(None))}
+                "last_cycle": (dict, type(None)), "checks": (list, type(None)),
+                "degraded": (dict, type(None)), "rollbacks": (int, type(None))}
 _MANIFEST_SHAPE = {"commit": _OPT_STR, "render_key": _OPT_STR, "full_check_at": _NUM,
                    "host": _OPT_STR}
 _ENTRY_SHAPE = {"kind": str, "name": str, "digest": str, "path": str, "backup": str,
@@ -78,6 +83,7 @@ class StateDir:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock_fd: int | None = None
+        self._journal_fd: int | None = None
 
     def p(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -309,6 +315,114 @@ class StateDir:
             os.unlink(self.p(name))
         except FileNotFoundError:
             pass
+
+    # --- the apply journal (journal.py decides what goes in; this stores it) ----------------
+
+    def save_blob(self, data: bytes) -> str:
+        """Content-addressed, 0600, written atomically (fsynced) once per content."""
+        digest = hashlib.sha256(data).hexdigest()
+        name = os.path.join("blobs", digest)
+        if not os.path.exists(self.p(name)):
+            try:
+                os.makedirs(self.p("blobs"), mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise StateError(f"state: cannot create {self.p('blobs')}: {e.strerror}") \
+                    from None
+            self._write(name, data)
+        return digest
+
+    def load_blob(self, digest: str) -> bytes:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise StateError(f"state: journal names a bad blob {digest!r}")
+        try:
+            with open(self.p(os.path.join("blobs", digest)), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise StateError(f"state: journal blob {digest[:12]} cannot be read: "
+                             f"{e.strerror}") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StateError(f"state: journal blob {digest[:12]} is corrupt")
+        return data
+
+    def drop_blobs(self) -> None:
+        d = self.p("blobs")
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return
+        for name in names:
+            try:
+                os.unlink(os.path.join(d, name))
+            except OSError:
+                pass
+
+    def save_journal(self, data: dict[str, Any]) -> None:
+        """The journal head, fsynced; a new head starts an empty done-log."""
+        self._write_json("journal.json", data, compact=True)
+
+    def start_journal_log(self) -> None:
+        self._write("journal.log", b"")
+
+    def journal_mark(self, entry: dict[str, Any]) -> None:
+        """Append one done mark. Not fsynced per line: a lost mark only means a resource
+        is restored from the journal that did not need it (restores are idempotent)."""
+        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+        if self._journal_fd is None:
+            self._journal_fd = os.open(self.p("journal.log"),
+                                       os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                       0o600)
+        os.write(self._journal_fd, line)
+
+    def sync_journal(self) -> None:
+        if self._journal_fd is not None:
+            os.fsync(self._journal_fd)
+
+    def load_journal(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        head = self._read_json(
+            "journal.json", None,
+            "It records an apply that did not finish; without it the host cannot be rolled "
+            "back. Move it aside (mv journal.json journal.json.broken) and run a full check.")
+        marks: list[dict[str, Any]] = []
+        if head is None:
+            return None, marks
+        try:
+            with open(self.p("journal.log"), "rb") as f:
+                for line in f.read().splitlines():
+                    try:
+                        mark = json.loads(line)
+                    except ValueError:
+                        continue  # the torn last line of a killed agent
+                    if isinstance(mark, dict):
+                        marks.append(mark)
+        except FileNotFoundError:
+            pass
+        return head, marks
+
+    def clear_journal(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+        for name in ("journal.json", "journal.log"):
+            try:
+                os.unlink(self.p(name))
+            except FileNotFoundError:
+                pass
+        self.drop_blobs()
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    def load_quarantine(self) -> list[dict[str, Any]]:
+        data = self._read_json("quarantine.json", {"commits": []},
+                               "Fix it or move it aside; quarantined commits are then "
+                               "tried again.")
+        items = data.get("commits")
+        if not isinstance(items, list):
+            raise StateError(f"state: {self.p('quarantine.json')} has no commits list")
+        return [q for q in items if isinstance(q, dict) and isinstance(q.get("commit"), str)
+                and isinstance(q.get("plan"), str)]
+
+    def save_quarantine(self, items: list[dict[str, Any]]) -> None:
+        self._write_json("quarantine.json", {"commits": items})
 
     def report_queue(self) -> ReportQueue:
         return ReportQueue(self.path)

@@ -99,11 +99,14 @@ def test_prune_removes_created_and_restores_preexisting(env):
     assert json.loads(apply(env, "--json").stdout)["changed"] == 0
 
 
-def test_failed_resource_does_not_stop_others_and_last_good_stays(env):
+def test_failed_resource_rolls_the_revision_back_and_is_retried(env):
+    """The others are still applied (one failure does not stop them), then the whole
+    revision goes back to last good from the journal; the next cycle tries again."""
     apply(env)
     first = json.loads((env["state"] / "state.json").read_text())["last_good"]
+    index = (env["root"] / "srv/www/index.html").read_text()
     fleet: Fleet = env["fleet"]
-    role = (fleet.work / "roles/web.yaml").read_text() + \
+    role = (fleet.work / "roles/web.yaml").read_text().replace("hello from", "changed by") + \
         "  /etc/app.conf: {content: \"x\\n\", owner: nosuchuser}\n" \
         "  /etc/other.conf: {content: \"y\\n\"}\n"
     fleet.commit(files={"roles/web.yaml": role}, push=True)
@@ -112,10 +115,23 @@ def test_failed_resource_does_not_stop_others_and_last_good_stays(env):
     failed = [c for c in out["changes"] if c["failed"]]
     assert [c["id"] for c in failed] == ["file[/etc/app.conf]"]
     assert "nosuchuser" in failed[0]["msg"]
-    assert (env["root"] / "etc/other.conf").read_text() == "y\n"
+    applied = [c["id"] for c in out["changes"] if c["changed"] and c["action"] != "rollback"]
+    assert "file[/etc/other.conf]" in applied  # applied, then put back
+    assert not (env["root"] / "etc/other.conf").exists()
+    assert (env["root"] / "srv/www/index.html").read_text() == index
+    assert out["rolled_back"] and "failed to apply" in out["rolled_back"]
     assert json.loads((env["state"] / "state.json").read_text())["last_good"] == first
+    assert not (env["state"] / "journal.json").exists()
     hist = agent("history", "--config", str(env["cfg"]), "--json", check=0)
     assert json.loads(hist.stdout)[-1]["result"] == "failed"
+    # retried every cycle (no fast path over a failed apply), and applied once fixed
+    again = json.loads(apply(env, "--json", check=1).stdout)
+    assert not again["fast_path"] and again["failed"] == 1
+    fleet.commit(files={"roles/web.yaml": role.replace("owner: nosuchuser", "mode: \"0600\"")},
+                 push=True)
+    apply(env)
+    assert (env["root"] / "etc/other.conf").read_text() == "y\n"
+    assert "changed by" in (env["root"] / "srv/www/index.html").read_text()
 
 
 def test_git_daemon_fetch_then_offline_converges_last_good(tmp_path):
@@ -217,19 +233,24 @@ def test_units_and_drop_ins_under_a_sandbox_root(env):
     fleet: Fleet = env["fleet"]
     role = ("units:\n"
             "  app.service: {content: \"[Service]\\nExecStart=/bin/true\\n\"}\n"
-            "  nginx.service.d/override.conf: {content: \"[Service]\\nLimitNOFILE=65536\\n\"}\n"
-            "services:\n  app.service: {active: true}\n")
+            "  nginx.service.d/override.conf: {content: \"[Service]\\nLimitNOFILE=65536\\n\"}\n")
     fleet.commit(files={"roles/web.yaml": role}, push=True)
-    out = json.loads(apply(env, "--json", check=1).stdout)
+    apply(env, "--json")
     unit_dir = env["root"] / "etc/systemd/system"
     assert (unit_dir / "app.service").read_text().startswith("[Service]")
     assert "LimitNOFILE" in (unit_dir / "nginx.service.d/override.conf").read_text()
+    # starting a service needs a running systemd: that fails, and the revision goes back
+    fleet.commit(files={"roles/web.yaml": role + "services:\n  app.service: {active: true}\n"},
+                 push=True)
+    out = json.loads(apply(env, "--json", check=1).stdout)
     failed = {c["id"]: c["msg"] for c in out["changes"] if c["failed"]}
     assert list(failed) == ["service[app.service]"]
     assert "need a running systemd" in failed["service[app.service]"]
+    assert not out["rolled_back"]  # nothing was changed, so nothing to put back
+    assert (unit_dir / "app.service").exists()  # last good's unit files stay
     # removed from Git: the drop-in is deleted (there is nothing to stop in a sandbox)
     fleet.commit(files={"roles/web.yaml": role.replace(
         "  nginx.service.d/override.conf: {content: \"[Service]\\nLimitNOFILE=65536\\n\"}\n",
         "")}, push=True)
-    apply(env, "--json", check=1)
+    apply(env, "--json")
     assert not (unit_dir / "nginx.service.d/override.conf").exists()

@@ -5,7 +5,8 @@ registry is the only place that lists them. render, converge, drift and prune lo
 kinds up here and name none. The stages, lower first:
 
     0 packages → 10 groups → 11 users → 20 directories/files/symlinks → 30 sysctl
-    → 40 unit files (then one daemon-reload) → 50 services → notified restarts/reloads
+    → 40 unit files (then one daemon-reload) → 50 services → 90 health checks (no-ops
+    here: health.py runs them) → notified restarts/reloads
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ __all__ = ["Change", "Kind", "KINDS", "ROLE_KEYS", "kind"]
 
 
 def _load() -> dict[str, Kind]:
-    from . import accounts, files, packages, sysctl, systemd
+    from . import accounts, checks, files, packages, sysctl, systemd
 
     kinds: dict[str, Kind] = {}
     # role-key order of a rendered state
-    for module in (files, packages, systemd, sysctl, accounts):
+    for module in (files, packages, systemd, sysctl, accounts, checks):
         for k in module.KINDS:
             kinds[k.name] = k
     return kinds

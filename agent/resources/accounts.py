@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import ApplyError, RenderError
+from ..errors import AgentError, ApplyError, RenderError
 from ..host import MAX_ID
 from ..model import Change, Resource
 from .base import Env, Kind, ParseCtx
@@ -154,6 +154,34 @@ class _AccountKind(Kind):
             _run(env, ident, _argv(env, self.delete, entry["name"]))
             env.host.forget_ids()
         return change
+
+
+    def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
+        return {"exists": name in _accounts(env)[self.table]}
+
+    def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                env: Env) -> list[Change]:
+        """An account the failed apply created is deleted; changes to one that existed
+        (groups, shell, keys) are not undone, and the rollback says so."""
+        out = []
+        for rec in reversed(records):
+            change = Change(rec["id"], action="rollback")
+            exists = rec["name"] in _accounts(env)[self.table]
+            if rec["prior"]["exists"]:
+                change.msg = ("existed before: changes to it are not rolled back" if exists
+                              else "was removed by the failed apply: not made again")
+                change.failed = not exists
+            elif exists:
+                try:
+                    _run(env, rec["id"], _argv(env, self.delete, rec["name"]))
+                    change.changed, change.msg = True, f"{self.delete}: created by the failed apply"
+                except (AgentError, OSError) as e:
+                    change.failed, change.msg = True, f"{self.delete} failed: {e}"
+                env.host.forget_ids()
+            else:
+                change.msg = "absent, as before"
+            out.append(change)
+        return out
 
 
 class GroupKind(_AccountKind):

@@ -117,6 +117,23 @@ class Kind:
         kind never prunes)."""
         return None
 
+    # --- the journal: going back --------------------------------------------------------
+
+    def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
+        """The prior state of a resource this cycle is about to touch, as JSON, taken
+        before the first write (None: the kind cannot restore it; rollback says so)."""
+        return None
+
+    def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                env: Env) -> list[Change]:
+        """Put the resources of `records` ({id, name, prior}) back as they were, newest
+        first; then whatever the kind does once after a rollback (daemon-reload, restarts
+        of what the failed apply restarted: `marks` are the journal's done marks). Called
+        for every kind, in stage order, also when it has no records."""
+        return [Change(r["id"], failed=True, action="rollback",
+                       msg=f"{self.name} resources cannot be rolled back; left as applied")
+                for r in records]
+
     def before(self, env: Env) -> list[Change]:
         """Run once before the kind's first step in a converge."""
         return []

@@ -13,10 +13,11 @@ import difflib
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ApplyError, RenderError
+from ..errors import AgentError, ApplyError, RenderError
 from ..host import kind_name, parse_id
 from ..model import Change, Resource
 from .base import Env, Kind, ParseCtx, parse_mode, parse_names
@@ -290,6 +291,88 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
     return change
 
 
+# --- the journal: the prior state of a path, and putting it back ---------------------------
+
+
+def snapshot_path(host: Host, state: StateDir, path: str) -> dict[str, Any]:
+    """What is at `path` now; a regular file's content goes to the blob store."""
+    st = host.lstat(path)
+    if st is None:
+        return {"exists": False}
+    meta = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+    if stat.S_ISREG(st.st_mode):
+        return {"type": "file", "blob": state.save_blob(host.read(path)), **meta}
+    if stat.S_ISDIR(st.st_mode):
+        return {"type": "directory", **meta}
+    if stat.S_ISLNK(st.st_mode):
+        p = host.at(path)
+        assert p is not None
+        return {"type": "symlink", "target": os.readlink(p[1], dir_fd=p[0])}
+    return {"type": kind_name(st.st_mode)}  # never written by the agent: nothing to undo
+
+
+def restore_path(ident: str, host: Host, state: StateDir, path: str,
+                 prior: dict[str, Any]) -> Change:
+    """Put `path` back as snapshot_path saw it; a no-op when it already is."""
+    change = Change(ident, action="rollback")
+    st = host.lstat(path)
+    if not prior.get("exists", True):
+        if st is None:
+            change.msg = "absent, as before"
+        elif stat.S_ISDIR(st.st_mode) and host.listdir(path):
+            change.msg = "created by the failed apply; not empty, left in place"
+        else:
+            host.remove(path)
+            change.changed, change.msg = True, "removed (it did not exist before)"
+        return change
+    kind = prior.get("type")
+    if kind == "file":
+        data = state.load_blob(prior["blob"])
+        same = (st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+                and (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+                == (prior["mode"], prior["uid"], prior["gid"]) and host.read(path) == data)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise ApplyError(f"{path} is a directory now; the file that was there cannot be "
+                             f"put back")
+        if not same:
+            host.write_file(path, data, prior["mode"], prior["uid"], prior["gid"])
+            change.changed, change.msg = True, "content, mode and owner as before"
+    elif kind == "directory":
+        if st is None:
+            host.mkdir(path, prior["mode"], prior["uid"], prior["gid"])
+            change.changed, change.msg = True, "directory made again"
+        elif (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (
+                prior["mode"], prior["uid"], prior["gid"]):
+            host.set_meta(path, prior["mode"], prior["uid"], prior["gid"], want_dir=True)
+            change.changed, change.msg = True, "directory mode and owner as before"
+    elif kind == "symlink":
+        current = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            p = host.at(path)
+            assert p is not None
+            current = os.readlink(p[1], dir_fd=p[0])
+        if current != prior["target"]:
+            host.symlink(path, prior["target"])
+            change.changed, change.msg = True, f"-> {prior['target']} as before"
+    if not change.changed:
+        change.msg = change.msg or "as before"
+    return change
+
+
+def restore_paths(records: list[dict[str, Any]], env: Env,
+                  path_of: Callable[[str], str]) -> list[Change]:
+    out = []
+    for rec in reversed(records):
+        ident = rec["id"]
+        try:
+            out.append(restore_path(ident, env.host, env.state, path_of(rec["name"]),
+                                    rec["prior"]))
+        except (ApplyError, AgentError, OSError) as e:
+            out.append(Change(ident, failed=True, action="rollback",
+                              msg=f"cannot be put back: {getattr(e, 'strerror', None) or e}"))
+    return out
+
+
 class FileKind(Kind):
     """file, directory and symlink: one `files:` key, three kinds, one path namespace."""
 
@@ -387,6 +470,13 @@ class FileKind(Kind):
     def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
         return prune(ident, entry.get("path", entry["name"]), entry,
                      Ctx(env.host, env.state, env.old.get(ident, {})), dry=dry)
+
+    def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
+        return snapshot_path(env.host, env.state, name)
+
+    def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                env: Env) -> list[Change]:
+        return restore_paths(records, env, lambda name: name)
 
 
 KINDS = [FileKind("file"), FileKind("directory"), FileKind("symlink")]

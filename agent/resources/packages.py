@@ -402,6 +402,38 @@ class PackageKind(Kind):
             env.flags["units_changed"] = True
         return [done.get(r.identity, c) for r, c in items]
 
+    def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
+        if self._packages(env).refuse():
+            return {"version": None, "unknown": True}
+        have = self._packages(env).query([name]).get(name)
+        return {"version": have.version if have is not None and have.status == "i"
+                and have.version else None}
+
+    def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                env: Env) -> list[Change]:
+        """Best effort: the journaled versions installed again (when the archive still
+        has them) and packages the failed apply installed removed, in one batch each."""
+        if not records:
+            return []
+        pkgs = self._packages(env)
+        wanted = [Resource(self.name, r["name"], {"state": "present",
+                                                  "version": r["prior"]["version"]}
+                           if r["prior"]["version"] else {"state": "absent"}, "journal")
+                  for r in records if not r["prior"].get("unknown")]
+        try:
+            installed = pkgs.query([r.name for r in wanted])
+            items = [(r, check(r, installed, None)) for r in wanted]
+            done = pkgs.apply(items)
+        except (AgentError, OSError) as e:
+            done = [Change(r.identity, failed=True, msg=str(e)) for r in wanted]
+        for c in done:
+            c.action = "rollback"
+            if c.failed:
+                c.msg = f"could not be restored: {c.msg}"
+            elif c.changed:
+                env.flags["units_changed"] = True
+        return done
+
 
 
 KINDS = [PackageKind()]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import RenderError
+from ..errors import AgentError, RenderError
 from ..model import Change, Resource
 from .base import Env, Kind, ParseCtx
 
@@ -159,6 +159,54 @@ class SysctlKind(Kind):
             else:
                 env.host.remove(CONF)
         return change
+
+
+    def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
+        try:
+            conf: str | None = env.state.save_blob(env.host.read(CONF))
+        except FileNotFoundError:
+            conf = None
+        live = None
+        if self._live(env):
+            try:
+                live = normalize(env.host.read_proc(proc_path(name)))
+            except OSError:
+                pass
+        return {"conf": conf, "live": live}
+
+    def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                env: Env) -> list[Change]:
+        """The file as it was before the apply (every record holds the same one), then
+        each key's running value."""
+        out = []
+        if not records:
+            return out
+        file_error = ""
+        try:
+            blob = records[0]["prior"]["conf"]
+            current = env.host.read(CONF) if env.host.lstat(CONF) is not None else None
+            before = env.state.load_blob(blob) if blob else None
+            if before is None and current is not None:
+                env.host.remove(CONF)
+            elif before is not None and before != current:
+                env.host.write_file(CONF, before, 0o644, 0, 0)
+        except (AgentError, OSError) as e:
+            file_error = f"{CONF} cannot be put back: {getattr(e, 'strerror', None) or e}"
+        for rec in reversed(records):
+            change = Change(rec["id"], action="rollback", msg=f"{CONF} as before")
+            live = rec["prior"].get("live")
+            if file_error:
+                change.failed, change.msg = True, file_error
+            elif live is not None and self._live(env):
+                try:
+                    if normalize(env.host.read_proc(proc_path(rec["name"]))) != live:
+                        env.host.write_proc(proc_path(rec["name"]), live)
+                        change.changed, change.msg = True, f"live value {live} as before"
+                except OSError as e:
+                    change.failed = True
+                    change.msg = f"{proc_path(rec['name'])}: {e.strerror}"
+            out.append(change)
+        return out
 
 
 KINDS = [SysctlKind()]

@@ -24,6 +24,7 @@ from .files import Ctx as FileCtx
 from .files import apply as file_apply
 from .files import check as file_check
 from .files import prune as file_prune
+from .files import restore_paths, snapshot_path
 
 if TYPE_CHECKING:
     from ..host import Host
@@ -159,8 +160,10 @@ class Systemd:
             if not r.ok:
                 return Change(res.identity, failed=True, action=planned.action,
                               msg=f"systemctl {step} {res.name}: {r.error_text()}")
+        started = "start" in planned.data.get("steps", [])
         return Change(res.identity, changed=True, action=planned.action, msg=planned.msg,
-                      data={"started": "start" in planned.data.get("steps", [])})
+                      data={"started": started, **({"health": {"systemd": res.name}}
+                                                   if started and not self.sandbox else {})})
 
     def stop_and_disable(self, name: str) -> str:
         """Before a unit file is deleted: stop it and disable it; returns what was done."""
@@ -178,7 +181,8 @@ class Systemd:
         r = self.host.run(["systemctl", verb, name])
         return Change(ident, changed=r.ok, failed=not r.ok, action=verb,
                       msg=f"{verb}ed (notified)" if r.ok else
-                      f"systemctl {verb} {name}: {r.error_text()}")
+                      f"systemctl {verb} {name}: {r.error_text()}",
+                      data={"health": {"systemd": name}, "notified": name})
 
 
 def _systemd(env: Env) -> Systemd:
@@ -261,6 +265,16 @@ class UnitKind(Kind):
     def finish(self, env: Env) -> list[Change]:
         return reload_if_needed(env)
 
+    def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
+        return snapshot_path(env.host, env.state, unit_path(name))
+
+    def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                env: Env) -> list[Change]:
+        out = restore_paths(records, env, unit_path)
+        if any(c.changed for c in out):
+            env.flags["units_changed"] = True
+        return out + reload_if_needed(env)
+
 
 class ServiceKind(Kind):
     """enabled/active/masked services; notified restarts and reloads at the end."""
@@ -328,6 +342,45 @@ class ServiceKind(Kind):
             if should_stop():
                 break
             out.append(_systemd(env).notify(name, bool(svc and svc.spec.get("reload"))))
+        return out
+
+    def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
+        st = _systemd(env).show([name]).get(name) or ServiceState(name)
+        return {"enabled": st.enabled, "static": st.unit_file == "static",
+                "active": st.running, "masked": st.masked}
+
+    def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
+                env: Env) -> list[Change]:
+        """Unit files are back and re-read (the unit kind's restore ran before this one):
+        each service's mask, enable and active state as before, then a restart of every
+        service the failed apply restarted or reloaded, so it runs the old configuration."""
+        sd = _systemd(env)
+        out = reload_if_needed(env)
+        for rec in reversed(records):
+            prior = rec["prior"]
+            spec = {"masked": prior["masked"], "active": prior["active"]}
+            if not prior.get("static"):
+                spec["enabled"] = prior["enabled"]
+            res = Resource(self.name, rec["name"], spec, "journal")
+            now = sd.check_service(res, sd.show([res.name]).get(res.name))
+            if now.failed or not now.changed:
+                now.action = "rollback"
+                out.append(now)
+                continue
+            done = sd.apply_service(res, now)
+            done.action = "rollback"
+            done.data = {}
+            out.append(done)
+        restored = {r["name"] for r in records if not r["prior"]["active"]}
+        for name in dict.fromkeys(m["notified"] for m in marks if m.get("notified")):
+            if name in restored or sd.sandbox:
+                continue
+            st = sd.show([name]).get(name)
+            if st is not None and st.running:
+                c = sd.notify(name, reload=False)
+                c.action, c.data = "rollback", {}
+                c.msg = "restarted on the configuration before" if c.changed else c.msg
+                out.append(c)
         return out
 
 
