@@ -32,6 +32,10 @@ WantedBy=multi-user.target
 APP_UNIT = "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n"
 
 
+# a short trial: the services these tests restart must stay up for 2s
+HEALTH = "health: {window: 2s, timeout: 30s, interval: 1s}\n"
+
+
 def build_deb(out: Path, name: str, files: dict[str, tuple[str, int]], version: str = "1.0",
               postinst: str | None = None) -> None:
     stage = out / f"stage-{name}-{version}"
@@ -112,7 +116,7 @@ def role(packages: str, files: str, units: str, services: str) -> str:
 def test_packages_units_services(tmp_path, bed):
     (tmp_path / "git").mkdir()
     fleet = Fleet(tmp_path / "git", files={
-        "fleet.yaml": "groups:\n  - roles: [app]\n",
+        "fleet.yaml": HEALTH + "groups:\n  - roles: [app]\n",
         "roles/app.yaml": role(
             "gitops-demo-daemon: present, gitops-extra: present",
             '/etc/demo-daemon.conf: {content: "v1\\n", notify: [demo-daemon.service]}',
@@ -153,7 +157,7 @@ def test_packages_units_services(tmp_path, bed):
         assert log.read_text().count("started") == 2
 
         # a package that does not exist fails that resource with apt's message; the rest
-        # converges and last good does not advance
+        # is applied, then the revision is rolled back and last good does not advance
         good = res["commit"]
         text = (fleet.work / "roles/app.yaml").read_text()
         broken = text.replace("gitops-extra: present", "gitops-extra: present, nosuch-pkg: present")
@@ -164,7 +168,8 @@ def test_packages_units_services(tmp_path, bed):
         failed = {c["id"]: c["msg"] for c in res["changes"] if c["failed"]}
         assert list(failed) == ["package[nosuch-pkg]"]
         assert "Unable to locate package nosuch-pkg" in failed["package[nosuch-pkg]"]
-        assert (bed.root / "etc/also.conf").read_text() == "x\n"
+        assert not (bed.root / "etc/also.conf").exists()  # applied, then put back
+        assert res["rolled_back"]
         st = bed.run("gitops-agent", "status", "--json", check=False)
         assert st.returncode == 1  # status exits 1 while the host is failed
         assert json.loads(st.stdout)["last_good"] == good
@@ -193,7 +198,7 @@ def test_latest_failing_postinst_and_a_user_made_by_a_package(tmp_path, bed16):
     bed = bed16
     (tmp_path / "git").mkdir()
     fleet = Fleet(tmp_path / "git", files={
-        "fleet.yaml": "groups:\n  - roles: [app]\n",
+        "fleet.yaml": HEALTH + "groups:\n  - roles: [app]\n",
         "roles/app.yaml": role('gitops-up: {version: "1.0"}, gitops-held: {version: "1.0"}',
                                "", "", "")})
     daemon = GitDaemon(tmp_path / "git")
@@ -230,13 +235,17 @@ def test_latest_failing_postinst_and_a_user_made_by_a_package(tmp_path, bed16):
                                    "gitops-broken: present", "", "", "")})
         res = apply()
         assert res["state"] == "failed"
-        by_id = {c["id"]: c for c in res["changes"]}
+        by_id = {c["id"]: c for c in res["changes"] if c["action"] != "rollback"}
         assert [i for i, c in by_id.items() if c["failed"]] == ["package[gitops-broken]"]
         assert "post-installation script subprocess returned error exit status 1" in \
             by_id["package[gitops-broken]"]["msg"]
         assert by_id["package[gitops-fine]"]["changed"]
-        assert "ii" in bed.run("dpkg-query", "-W", "-f=${db:Status-Abbrev}",
-                               "gitops-fine").stdout
+        # then the revision is rolled back: the package it installed is removed again
+        undo = {c["id"]: c for c in res["changes"] if c["action"] == "rollback"}
+        assert undo["package[gitops-fine]"]["changed"], undo
+        assert "ii" not in bed.run("dpkg-query", "-W", "-f=${db:Status-Abbrev}",
+                                   "gitops-fine", check=False).stdout
+        assert version("gitops-up") == "2.0"
 
         fleet.commit("a user from a package owns a file; a live sysctl", push=True, files={
             "roles/app.yaml": role("gitops-svcuser: present",
