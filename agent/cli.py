@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--allowed-signers")
     v.add_argument("--gpg-keyring")
     v.add_argument("--revoked-keys")
+    sub.add_parser("check", parents=[common],
+                   help="run the health checks of the revision on the host now (exit 0/1)")
+    q = sub.add_parser("quarantine", parents=[common],
+                       help="commits whose health checks failed here; `clear COMMIT`")
+    q.add_argument("action", nargs="?", choices=["clear"])
+    q.add_argument("commit", nargs="?", help="a quarantined commit (a prefix will do)")
     sub.add_parser("run", parents=[common], help="the daemon (systemd ExecStart)")
     sub.add_parser("status", parents=[common], help="the running agent's status")
     s = sub.add_parser("sync", parents=[common], help="ask the daemon for a cycle now")
@@ -147,15 +153,27 @@ def _human_cycle(result: Any, dry: bool) -> str:
         out.append(f"offline: every source URL failed: {result.offline_reason}\n")
     if result.rejected:
         out.append(f"rejected: {result.rejected}\n")
+    trial = getattr(result, "trial", None)
     for c in result.changes:
         if not (c.changed or c.failed):
             continue
         verb = "FAILED" if c.failed else ("would " + c.action if dry else c.action)
+        if c.action == "rollback":
+            verb = "ROLLBACK FAILED" if c.failed else "rolled back"
         out.append(f"{verb} {c.id}: {c.msg}\n")
         if c.diff:
             out.append("".join(f"    {line}\n" for line in c.diff.rstrip("\n").split("\n")))
+    if trial:
+        for ch in trial.get("checks", []):
+            mark = "ok  " if ch["ok"] else ("FAIL" if ch["required"] else "warn")
+            last = ch["output"].splitlines()[-1] if ch["output"] else ""
+            out.append(f"check {mark} {ch['name']}: {last}\n")
+        out.append(f"trial {'passed' if trial['ok'] else 'FAILED'} after "
+                   f"{trial['seconds']:.1f}s\n")
     for e in result.errors:
         out.append(f"error: {e}\n")
+    if getattr(result, "quarantined", "") and not result.errors:
+        out.append(f"held: {result.rolled_back}\n")
     commit = (result.commit or "-")[:12]
     if dry:
         n = sum(1 for c in result.changes if c.changed)
@@ -245,6 +263,78 @@ def cmd_verify(args: argparse.Namespace) -> int:
              else f"bad: {v.reason}\n")
     _print(v.to_json(), args.json, human)
     return 0 if v.good else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """The checks recorded with the revision on the host (last good), run once now."""
+    from . import health
+    from .source import Mirror
+    from .state import StateDir
+
+    cfg = _config(args)
+    state = StateDir(cfg.state_dir)
+    st = state.load_state()
+    checks = st.get("checks") or []
+
+    def probe() -> str:
+        state.lock(wait=300)  # the mirror is the running cycle's while it fetches
+        try:
+            fetched = Mirror(state.mirror_path, cfg.source).fetch(lambda: False)
+        finally:
+            state.unlock()
+        return "; ".join(fetched.errors) if fetched.offline else ""
+
+    results = health.run_once(checks, health.Runner(fetch=probe))
+    ok = all(r.ok or not r.required for r in results)
+    lines = [f"{'ok  ' if r.ok else 'FAIL' if r.required else 'warn'} {r.name} ({r.type}): "
+             f"{r.output}\n" for r in results]
+    commit = (st.get("last_good") or "-")[:12]
+    lines.append(f"{len(results)} checks of {commit}: "
+                 f"{'healthy' if ok else 'UNHEALTHY'}\n" if results
+                 else f"no health checks recorded for {commit}\n")
+    _print({"commit": st.get("last_good"), "ok": ok, "checks": [r.to_json() for r in results],
+            "degraded": st.get("degraded")}, args.json, "".join(lines))
+    return 0 if ok else 1
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    import time
+
+    from .state import StateDir
+
+    cfg = _config(args)
+    state = StateDir(cfg.state_dir)
+    items = state.load_quarantine()
+    if args.action == "clear":
+        if not args.commit or len(args.commit) < 4:
+            raise UsageError("quarantine clear: give the commit (at least 4 hex digits)")
+        gone = [q for q in items if q["commit"].startswith(args.commit.lower())]
+        if not gone:
+            raise UsageError(f"quarantine clear: {args.commit} is not quarantined here")
+        state.lock(wait=300)  # never under a running cycle's feet
+        try:
+            left = [q for q in state.load_quarantine() if q not in gone]
+            state.save_quarantine(left)
+            st = state.load_state()
+            if st.get("degraded") and any(q["commit"] == st["degraded"].get("commit")
+                                          for q in gone):
+                st.pop("degraded", None)
+                state.save_state(st)
+        finally:
+            state.unlock()
+        _print({"cleared": [q["commit"] for q in gone]}, args.json,
+               "".join(f"cleared {q['commit'][:12]}: the next cycle tries it again\n"
+                       for q in gone))
+        return 0
+    if args.commit:
+        raise UsageError("quarantine: a commit is only taken by `quarantine clear COMMIT`")
+    lines = []
+    for q in items:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(q.get("at", 0)))
+        lines.append(f"{q['commit'][:12]}  {when}  check {q.get('check') or '?'}: "
+                     f"{str(q.get('output', ''))[-200:]}\n")
+    _print(items, args.json, "".join(lines) or "no quarantined commits\n")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -387,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args)
         if verb == "run":
             return cmd_run(args)
+        if verb == "check":
+            return cmd_check(args)
+        if verb == "quarantine":
+            return cmd_quarantine(args)
         if verb == "fleet":
             return cmd_fleet(args)
         return cmd_control(args)

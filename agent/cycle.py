@@ -357,13 +357,12 @@ class _Cycle:
             bad = next((q for q in self.state.load_quarantine() if q["plan"] == digest), None)
             if bad is None:
                 return
-            self._hold(bad)
+            self._hold(bad)  # now on last good (or done, without one)
         except (RenderError, SourceError) as e:
             result.errors.append(str(e))
             log.error("%s", e, extra={"COMMIT": self.target, "STAGE": "render"})
-        if self.target == self.last_good or not self._last_good_here():
-            raise _Done
-        if not result.quarantined:
+            if self.target == self.last_good or not self._last_good_here():
+                raise _Done from None
             self._use_last_good("the tip cannot be rendered")
         self.key = render_key(self.target, self.name, self.labels, self.facts.digest())
         try:
