@@ -147,6 +147,13 @@ class Converger:
         files they own, unit files and daemon-reload before services), each kind's own
         records newest first. Every kind is asked, so restarts are redone too."""
         results: list[Change] = []
+        dirs = set()
+        for r in records:  # temp files of a write that was killed half-way go first
+            kind = KINDS.get(str(r.get("kind")))
+            path = kind.path(str(r.get("name"))) if kind is not None and kind.by_path else None
+            if path:
+                dirs.add(os.path.dirname(path))
+        self._clean_dirs(dirs)
         kinds = sorted({k.name: k for k in KINDS.values()}.values(), key=lambda k: k.stage)
         for kind in kinds:
             mine = [r for r in records if r.get("kind") == kind.name]
@@ -257,6 +264,9 @@ class Converger:
             path = kind.path(res.name) if kind is not None and res is not None else None
             if path:
                 dirs.add(os.path.dirname(path))
+        self._clean_dirs(dirs)
+
+    def _clean_dirs(self, dirs: set[str]) -> None:
         for d in sorted(dirs):
             for name in self.host.clean_stale_tmp(d):
                 log.info("converge: removed %s, left by an interrupted agent", name,

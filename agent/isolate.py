@@ -28,6 +28,16 @@ def _vsize() -> int:
         return 0
 
 
+def _die_with_parent() -> None:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: int | None,
         should_stop: Callable[[], bool] = lambda: False) -> Any:
     """fn(progress) in a child; returns its result or re-raises its AgentError.
@@ -36,11 +46,17 @@ def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: i
     """
     import pickle  # here, not at the top: a no-op cycle never forks and never pays for it
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never return into the caller's code
         code = 0
         try:
             os.close(r)
+            # dies with the agent: a killed agent's child must not hold the state lock
+            # (inherited with the fork) while it renders on for nobody
+            _die_with_parent()
+            if os.getppid() != parent:
+                os._exit(70)
             # the daemon's signal handlers and its event loop's wakeup fd are not this
             # child's: a signal here must not look like one to the agent
             signal.set_wakeup_fd(-1)
