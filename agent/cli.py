@@ -358,8 +358,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
         raise UsageError(f"fleet status: --stale: {e}") from None
     data = fleet_rows(args.reports, stale, args.repo, args.branch)
-    bad = bool(data["skipped"]) or any(r["stale"] or r["state"] in ("failed", "rejected")
-                                       for r in data["rows"])
+    bad = bool(data["skipped"]) or any(
+        r["stale"] or r["state"] in ("failed", "rejected", "rolled-back", "degraded")
+        for r in data["rows"])
     for why in data["skipped"]:
         print(f"warning: fleet status: {why}", file=sys.stderr)
     if args.json:
@@ -374,10 +375,13 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             behind = "  ?" if r.get("behind") is None else f"  {r['behind']}"
         lines.append(f"{r['host']:20} {(r['commit'] or '-')[:12]:12} {r['state'] or '-':10} "
                      f"{age:>10}  {'yes' if r['offline'] else 'no':7} {r['failed']:<6}{behind}")
+        if r.get("rolled_back"):
+            lines.append(f"{'':20} {r['rolled_back']}")
     lines.append("")
     for commit, s in data["rollout"].items():
         lines.append(f"{commit[:7]}: {s['converged']}/{s['hosts']} hosts converged, "
-                     f"{s['failed']} failed, {s['stale']} stale")
+                     f"{s['failed']} failed, {s.get('rolled_back', 0)} rolled back, "
+                     f"{s.get('degraded', 0)} degraded, {s['stale']} stale")
     print("\n".join(lines))
     return 1 if bad else 0
 

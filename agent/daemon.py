@@ -78,6 +78,7 @@ class Daemon:
         self.wake = asyncio.Event()
         self.pending: set[str] = set()
         self.running = False
+        self.phase = "applying"  # or "verifying" while a new revision is on trial
         self.progress_at = 0.0
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -139,7 +140,7 @@ class Daemon:
         if paused:
             live["state"] = "paused"
         elif self.running:
-            live["state"] = "applying"
+            live["state"] = self.phase
         return report.status_json(self.cfg, last, **live)
 
     # --- control socket verbs -----------------------------------------------------------
@@ -176,16 +177,22 @@ class Daemon:
 
     # --- the loop ----------------------------------------------------------------------
 
+    def _on_phase(self, phase: str) -> None:
+        """From the cycle's worker thread: the new revision is on trial."""
+        self.phase = phase
+        notify(f"STATUS={phase}: health checks of a new revision")
+
     async def _cycle(self, reasons: set[str]) -> None:
         fetch = reasons != {"drift"}
         waiters, self.waiters = self.waiters, []
         self.running = True
+        self.phase = "applying"
         notify("STATUS=applying")
         try:
             self.progress_at = time.monotonic()
             result, _ = await asyncio.to_thread(
                 run_cycle, self.cfg, fetch=fetch, lock_wait=3600,
-                should_stop=self._should_stop)
+                should_stop=self._should_stop, on_phase=self._on_phase)
         except AgentError as e:
             result = CycleResult(started=time.time(), finished=time.time())
             result.errors.append(str(e))

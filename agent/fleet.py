@@ -82,19 +82,29 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
                "commit": rep.get("applied_commit"), "signer": rep.get("signer"),
                "age": age, "stale": age > stale_after, "offline": bool(rep.get("offline_since")),
                "failed": lc.get("failed", 0), "errors": lc.get("errors", []),
-               "rejected": rep.get("rejected", "")}
+               "rejected": rep.get("rejected", ""),
+               # issue 10: the host's own verdict on a new revision
+               "rolled_back": rep.get("rolled_back", ""),
+               "quarantined": [q.get("commit") for q in rep.get("quarantine") or []
+                               if isinstance(q, dict)],
+               "degraded": bool(rep.get("degraded"))}
         if repository is not None and tip is not None and row["commit"]:
             row["behind"] = repository.behind(tip, row["commit"])
         rows.append(row)
     summary: dict[str, dict[str, int]] = {}
     for r in rows:
         s = summary.setdefault(r["commit"] or "-", {"hosts": 0, "converged": 0, "failed": 0,
-                                                    "stale": 0})
+                                                    "stale": 0, "rolled_back": 0,
+                                                    "degraded": 0})
         s["hosts"] += 1
         if r["stale"]:
             s["stale"] += 1
         elif r["state"] in ("failed", "rejected"):
             s["failed"] += 1
+        elif r["state"] == "rolled-back":
+            s["rolled_back"] += 1
+        elif r["state"] == "degraded":
+            s["degraded"] += 1
         elif r["state"] in ("converged", "offline"):
             s["converged"] += 1
     return {"rows": rows, "rollout": summary, "tip": tip, "skipped": skipped}

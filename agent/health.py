@@ -145,13 +145,11 @@ class Runner:
 
 def checks_of(resources: list[Any], implicit_units: list[str]) -> list[dict[str, Any]]:
     """The explicit checks of a desired state (check resources) and the implicit ones."""
-    out = [{"name": r.name, **r.spec} for r in resources if r.kind == "check"]
-    names = {c["name"] for c in out}
-    for unit in dict.fromkeys(implicit_units):
-        spec = implicit(unit)
-        if spec["name"] not in names:
-            out.append(spec)
-    return out
+    explicit = [{"name": r.name, **r.spec} for r in resources if r.kind == "check"]
+    names = {c["name"] for c in explicit}
+    # the services first: a dead service is the cause, its failing HTTP check the symptom
+    return [implicit(u) for u in dict.fromkeys(implicit_units)
+            if implicit(u)["name"] not in names] + explicit
 
 
 def run_once(checks: list[dict[str, Any]], runner: Runner) -> list[CheckResult]:

@@ -22,7 +22,8 @@ from .state import StateDir
 
 log = logging.getLogger("agent.report")
 
-_STATES = ("converged", "failed", "offline", "rejected", "paused", "applying", "starting")
+_STATES = ("converged", "failed", "offline", "rejected", "paused", "applying", "starting",
+           "verifying", "rolled-back", "degraded")
 
 
 def _esc(value: Any) -> str:
@@ -64,6 +65,21 @@ def metrics_text(status: dict[str, Any], last: Any, extra: dict[str, float] | No
              status.get("drift_corrections", 0)),
             ("gitops_agent_cycles_total", "Cycles run since start.", status.get("cycles", 0))):
         metric(name, "counter", help_, [("", value)])
+    metric("gitops_agent_rollbacks_total", "counter",
+           "Revisions rolled back after failing their health checks on this host.",
+           [("", status.get("rollbacks", 0))])
+    metric("gitops_agent_quarantined_commits", "gauge",
+           "Commits quarantined on this host (their plan failed its health checks).",
+           [("", len(status.get("quarantine") or []))])
+    metric("gitops_agent_degraded", "gauge",
+           "1 when the checks still fail after a rollback (manual intervention).",
+           [("", 1 if status.get("degraded") else 0)])
+    checks = status.get("checks") or []
+    if checks:
+        metric("gitops_agent_check_status", "gauge",
+               "1 when a health check passed when it last ran, 0 when it failed.",
+               [(f'{{check="{_esc(c["name"])}",required="{str(c["required"]).lower()}"}}',
+                 1 if c["ok"] else 0) for c in checks])
     tip_time = (extra or {}).get("tip_time")
     if tip_time:
         metric("gitops_agent_tip_age_seconds", "gauge",
@@ -79,10 +95,14 @@ def write_metrics(path: str, text: str) -> None:
 def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str, Any]:
     """The one status shape: the socket, the CLI, the metrics and the fleet reports."""
     st: dict[str, Any] = {}
+    quarantine: list[dict[str, Any]] = []
     try:
-        st = StateDir(cfg.state_dir).load_state()
+        state = StateDir(cfg.state_dir)
+        st = state.load_state()
+        quarantine = state.load_quarantine()
     except AgentError:
         pass
+    trial = last.trial if last else None
     out = {
         "host": host_identity(cfg)[0], "version": __version__,
         "state": last.state if last else "starting",
@@ -96,6 +116,13 @@ def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str,
         "rejected": last.rejected if last else "",
         "next_cycle_at": None, "drift_corrections": 0, "drift_detected": 0, "cycles": 0,
         "paused": None, "config_error": "", "warnings": last.warnings if last else [],
+        # issue 10: the trial of the last new revision, rollbacks, quarantine, degraded
+        "checks": (last.trial or last.after_rollback or {}).get("checks", []) if last else [],
+        "trial": trial, "rolled_back": last.rolled_back if last else "",
+        "recovered": last.recovered if last else "",
+        "rollbacks": st.get("rollbacks") or 0, "degraded": st.get("degraded"),
+        "quarantine": [{k: q.get(k) for k in ("commit", "at", "check", "output")}
+                       for q in quarantine],
     }
     out.update(live)
     return out

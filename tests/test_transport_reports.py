@@ -73,7 +73,7 @@ def test_three_agents_report_to_one_sftp_drop_and_fleet_status(tmp_path, fleet, 
     assert rep["host"] == "web-01" and rep["applied_commit"] == fleet.head()
     assert rep["state"] == "converged"
     p = agent("fleet", "status", "--reports", str(drop), "--repo", str(fleet.work), check=0)
-    assert f"{fleet.head()[:7]}: 3/3 hosts converged, 0 failed, 0 stale" in p.stdout
+    assert f"{fleet.head()[:7]}: 3/3 hosts converged, 0 failed, 0 rolled back, 0 degraded, 0 stale" in p.stdout
     # a new tip: every host is one commit behind, still not failed
     fleet.commit("next", files={"hosts/web-01.yaml": "vars: {worker_processes: 9}\n"})
     data = json.loads(agent("fleet", "status", "--reports", str(drop), "--repo",
@@ -211,3 +211,34 @@ def test_daemon_reports_after_each_cycle_and_as_a_heartbeat(tmp_path, fleet, ssh
     assert len(lines) >= 3 and cycles <= 2  # more reports than cycles: the heartbeat
     assert [x["seq"] for x in lines] == list(range(1, len(lines) + 1))
     assert lines[0]["applied_commit"] == fleet.head()
+
+
+def test_a_rollback_in_metrics_the_report_drop_and_fleet_status(tmp_path, fleet, sshd):
+    """Issue 10: rolled-back, the failing check and the quarantine travel to the metrics
+    textfile, the SFTP report and `fleet status`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = report_config(tmp_path, fleet, sshd, drop, "web-01")
+    agent("apply", "--config", str(cfg), check=0)
+    fleet.commit("bad", push=True, files={
+        "fleet.yaml": "health: {window: 0s, timeout: 2s, interval: 0.2s}\n"
+                      + (fleet.work / "fleet.yaml").read_text(),
+        "roles/web.yaml": (fleet.work / "roles/web.yaml").read_text().replace(
+            "hello from", "bye from") + "checks:\n  gone: {command: [/bin/false]}\n"
+                                         "  fine: {command: [/bin/true]}\n"})
+    agent("apply", "--config", str(cfg), check=1)
+    fams = {f.name: f for f in text_string_to_metric_families(
+        (tmp_path / "web-01.prom").read_text())}
+    assert fams["gitops_agent_rollbacks"].samples[0].value == 1
+    assert fams["gitops_agent_quarantined_commits"].samples[0].value == 1
+    checks = {s.labels["check"]: s.value for s in fams["gitops_agent_check_status"].samples}
+    assert checks == {"gone": 0, "fine": 1}
+    states = {s.labels["state"]: s.value for s in fams["gitops_agent_state"].samples}
+    assert states["rolled-back"] == 1
+    report = json.loads((drop / "web-01.json").read_text())
+    assert report["state"] == "rolled-back" and report["quarantine"][0]["commit"] == fleet.head()
+    assert report["trial"]["failing"]["name"] == "gone"
+    p = agent("fleet", "status", "--reports", str(drop), check=1)
+    assert "1 rolled back" in p.stdout and "rolled back to" in p.stdout

@@ -371,12 +371,13 @@ class ServiceKind(Kind):
             done.action = "rollback"
             done.data = {}
             out.append(done)
-        restored = {r["name"] for r in records if not r["prior"]["active"]}
+        stopped = {r["name"] for r in records if not r["prior"]["active"]}
         for name in dict.fromkeys(m["notified"] for m in marks if m.get("notified")):
-            if name in restored or sd.sandbox:
-                continue
+            if name in stopped or sd.sandbox:
+                continue  # a service that was not running before stays as it is now
             st = sd.show([name]).get(name)
-            if st is not None and st.running:
+            # running, or failed on the new configuration: restarted on the old one
+            if st is not None and (st.running or st.active == "failed"):
                 c = sd.notify(name, reload=False)
                 c.action, c.data = "rollback", {}
                 c.msg = "restarted on the configuration before" if c.changed else c.msg
