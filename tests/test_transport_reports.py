@@ -73,7 +73,8 @@ def test_three_agents_report_to_one_sftp_drop_and_fleet_status(tmp_path, fleet, 
     assert rep["host"] == "web-01" and rep["applied_commit"] == fleet.head()
     assert rep["state"] == "converged"
     p = agent("fleet", "status", "--reports", str(drop), "--repo", str(fleet.work), check=0)
-    assert f"{fleet.head()[:7]}: 3/3 hosts converged, 0 failed, 0 rolled back, 0 degraded, 0 stale" in p.stdout
+    assert (f"{fleet.head()[:7]}: 3/3 hosts converged, 0 failed, 0 rolled back, "
+            f"0 degraded, 0 stale") in p.stdout
     # a new tip: every host is one commit behind, still not failed
     fleet.commit("next", files={"hosts/web-01.yaml": "vars: {worker_processes: 9}\n"})
     data = json.loads(agent("fleet", "status", "--reports", str(drop), "--repo",
