@@ -224,8 +224,16 @@ class Converger:
                 done.append((res, change))
             results.append(change)
             _log(change, plan.commit)
-            if change.changed:
+            if change.changed and not change.failed:
+                entry = manifest.get(ident)
+                if entry is not None and "path" in entry and res is not None \
+                        and res.kind != "directory":
+                    # the signature of the agent's own write, taken now: an edit later
+                    # in this cycle is drift, not ours (a directory's own comes last)
+                    entry["sig"] = signature(self.host.join(entry["path"]))
+                    change.data["sig"] = entry["sig"]
                 mark(change)
+                change.data.pop("sig", None)
         for kind in KINDS.values():
             for c in kind.finish(self.env):
                 results.append(c)
@@ -236,10 +244,10 @@ class Converger:
                 _log(c, plan.commit)
                 if c.changed:
                     mark(c)
-        # Signatures last: writing a file bumps its directory's mtime, so a directory's
-        # signature taken before its files were written would never match again.
+        # The other signatures last: writing a file bumps its directory's mtime, so a
+        # directory's signature taken before its files were written would never match.
         for entry in manifest.values():
-            if "path" in entry:
+            if "path" in entry and "sig" not in entry:
                 entry["sig"] = signature(self.host.join(entry["path"]))
         return results, manifest
 

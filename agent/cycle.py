@@ -14,9 +14,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, health, trust
+from . import __version__, trust
 from . import facts as facts_mod
 from .config import Config, host_name_problem
 from .converge import Converger, Plan, clean, plan_digest
@@ -27,6 +27,9 @@ from .model import DesiredState
 from .resources import Change
 from .source import LAST_GOOD_REF, Mirror
 from .state import StateDir
+
+if TYPE_CHECKING:
+    from .health import Runner, Trial
 
 log = logging.getLogger("agent.cycle")
 
@@ -374,6 +377,9 @@ class _Cycle:
     # --- plan, converge, record ------------------------------------------------------------
 
     def converge(self) -> None:
+        # imported here, not at the top: a no-op cycle never converges or checks health
+        from . import health
+
         result = self.result
         conv = self._converger(self.full_check or self.dry_run)
         assert self.desired is not None
@@ -478,10 +484,12 @@ class _Cycle:
         journal.close()
         return undo
 
-    def _failed_trial(self, conv: Converger, journal: Journal, trial: health.Trial,
-                      digest: str, runner: health.Runner) -> None:
+    def _failed_trial(self, conv: Converger, journal: Journal, trial: Trial,
+                      digest: str, runner: Runner) -> None:
         """Roll back, look again, quarantine the commit (not when the trial was cut short
         by a shutdown: that commit is tried again)."""
+        from . import health
+
         result = self.result
         failing = trial.failing
         if trial.stopped:

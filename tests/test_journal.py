@@ -157,3 +157,37 @@ def test_shutdown_in_the_middle_of_an_apply_rolls_back_and_the_next_cycle_conver
     out = json.loads(agent("apply", "--config", str(cfg), "--json", check=0).stdout)
     assert out["state"] == "converged" and not out["fast_path"]
     assert {v.split()[0] for v in files_of(root)[0].values()} == {"new"}
+
+
+def test_kill_9_during_the_trial_rolls_back_on_restart(bulk_env, tmp_path):
+    """A killed agent never promotes the commit it was trying: on start the journal (in
+    phase trial) is rolled back, and the commit is tried again, not quarantined."""
+    cfg, root, fleet = bulk_env["cfg"], bulk_env["root"], bulk_env["fleet"]
+    agent("apply", "--config", str(cfg), check=0)
+    files = bulk("new", 50)
+    files["fleet.yaml"] = ("health: {window: 60s, timeout: 120s, interval: 0.2s}\n"
+                           + files["fleet.yaml"])
+    files["roles/bulk.yaml"] += "checks:\n  ok: {command: [/bin/true]}\n"
+    fleet.commit("new, on trial", files=files, push=True)
+    p = start_apply(cfg)
+    journal = bulk_env["state"] / "journal.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if journal.exists() and '"phase":"trial"' in journal.read_text():
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the trial never started")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    last_good = json.loads((bulk_env["state"] / "state.json").read_text())["last_good"]
+    assert last_good != fleet.head()
+    result = recover(cfg)
+    assert result.recovered == fleet.head()
+    assert any("during its health-check trial" in w for w in result.warnings)
+    after, temps = files_of(root)
+    assert not temps and {v.split()[0] for v in after.values()} == {"old"}
+    assert len(after) == N
+    state = json.loads((bulk_env["state"] / "state.json").read_text())
+    assert state["last_good"] == last_good
+    assert not (bulk_env["state"] / "quarantine.json").exists()
