@@ -418,6 +418,22 @@ def human_status(s: dict) -> str:
         lines.append(f"offline:     since {_age(s['offline_since'])}: {s.get('offline_reason')}")
     if s.get("rejected"):
         lines.append(f"rejected:    {s['rejected']}")
+    if s.get("rolled_back"):
+        lines.append(f"rolled back: {s['rolled_back']}")
+    if s.get("degraded"):
+        d = s["degraded"]
+        lines.append(f"DEGRADED:    since {_age(d.get('since'))}: check {d.get('check')} still "
+                     f"fails after the rollback of {str(d.get('commit'))[:12]}: "
+                     f"{d.get('output')}")
+    for c in s.get("checks") or []:
+        mark = "ok  " if c["ok"] else ("FAIL" if c["required"] else "warn")
+        last = c["output"].splitlines()[-1] if c.get("output") else ""
+        lines.append(f"check:       {mark} {c['name']}: {last}")
+    for q in s.get("quarantine") or []:
+        lines.append(f"quarantined: {str(q.get('commit'))[:12]} (check {q.get('check')})")
+    if s.get("recovered"):
+        lines.append(f"recovered:   an interrupted apply of {s['recovered'][:12]} was rolled "
+                     f"back on start")
     for e in lc.get("errors") or []:
         lines.append(f"error:       {e}")
     if s.get("config_error"):
@@ -444,14 +460,15 @@ def client_verb(socket_path: str, args: Any) -> int:
     result = request(socket_path, req, timeout)
     if verb == "status":
         _print(result, args.json, human_status(result))
-        return 0 if result.get("state") not in ("failed", "rejected") else 1
+        return 0 if result.get("state") not in ("failed", "rejected", "rolled-back",
+                                                "degraded") else 1
     if verb in ("sync", "plan") and isinstance(result, dict) and "changes" in result:
         from .cycle import CycleResult
         from .model import Change
 
         cr = CycleResult(started=result.get("started", 0))
         for k in ("finished", "state", "commit", "offline", "offline_reason", "rejected",
-                  "warnings", "errors", "fast_path"):
+                  "warnings", "errors", "fast_path", "trial", "rolled_back", "quarantined"):
             setattr(cr, k, result.get(k, getattr(cr, k)))
         cr.changes = [Change(c["id"], c["changed"], c["failed"], c["msg"], c.get("diff", ""),
                              c["action"]) for c in result["changes"]]

@@ -377,3 +377,40 @@ def test_one_hand_edit_is_one_drift_correction():
                  Change("systemd[daemon-reload]", changed=True),
                  Change("file[/etc/motd]", msg="as declared")]
     assert [c.id for c in drift_fixes(r)] == ["file[/etc/app.conf]"]
+
+
+def test_status_says_verifying_during_a_trial_then_rolled_back(denv, tmp_path):
+    """Issue 10 through the socket: the daemon shows `verifying` while a new revision is
+    on trial, then `rolled-back` with the failing check, and the human status says so."""
+    gate = tmp_path / "healthy-until"
+    gate.write_text("")
+
+    async def main():
+        async with Running(denv) as d:
+            await until(lambda: d.cycles >= 1)
+            fleet = denv["fleet"]
+            fleet.commit("on trial", push=True, files={
+                "fleet.yaml": "health: {window: 8s, timeout: 16s, interval: 0.2s}\n"
+                              + (fleet.work / "fleet.yaml").read_text(),
+                "roles/web.yaml": (fleet.work / "roles/web.yaml").read_text().replace(
+                    "hello from", "trial of")
+                + f"checks:\n  gate: {{command: [/usr/bin/test, -e, {gate}]}}\n"})
+            n = d.cycles
+            await ask(denv, "sync")
+            await until(lambda: d.phase == "verifying" and d.running, timeout=30)
+            assert (await ask(denv, "status"))["state"] == "verifying"
+            gate.unlink()  # the check starts failing in the middle of the window
+            # (the rollback's own writes may trigger one drift cycle: it stays rolled back)
+            await until(lambda: d.cycles > n and not d.running and d.last is not None
+                        and d.last.state == "rolled-back", timeout=90)
+            st = d.status()
+            assert st["state"] == "rolled-back" and st["rollbacks"] == 1
+            assert st["trial"]["failing"]["name"] == "gate"
+            assert [q["commit"] for q in st["quarantine"]] == [fleet.head()]
+            return st
+
+    st = asyncio.run(main())
+    from agent.cli import human_status
+
+    text = human_status(st)
+    assert "rolled back:" in text and "FAIL gate" in text and "quarantined:" in text
