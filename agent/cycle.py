@@ -58,6 +58,7 @@ class CycleResult:
     recovered: str = ""  # the commit of an interrupted apply rolled back on start
     rolled_back: str = ""  # why this cycle put the host back to last good
     quarantined: str = ""  # the tip, when it is quarantined on this host
+    rollback_seconds: float = 0.0  # how long putting the journaled resources back took
 
     @property
     def changed(self) -> int:
@@ -80,7 +81,8 @@ class CycleResult:
                "fast_path": self.fast_path, "processes": self.processes,
                "commit_time": self.commit_time, "trial": self.trial,
                "after_rollback": self.after_rollback, "recovered": self.recovered,
-               "rolled_back": self.rolled_back, "quarantined": self.quarantined}
+               "rolled_back": self.rolled_back, "quarantined": self.quarantined,
+               "rollback_seconds": round(self.rollback_seconds, 3)}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -472,7 +474,9 @@ class _Cycle:
 
     def _rollback(self, conv: Converger, journal: Journal, why: str) -> list:
         assert journal.head is not None
+        t0 = time.monotonic()
         undo = conv.rollback(journal.head["records"], journal.marks(), self.target)
+        self.result.rollback_seconds = time.monotonic() - t0
         self.result.changes.extend(undo)
         back = self.last_good[:12] if self.last_good else "the state before the agent"
         self.result.rolled_back = f"{self.target[:12]} rolled back to {back}: {why}"
