@@ -310,12 +310,6 @@ class StateDir:
         data["data"] = base64.b64decode(data["data"])
         return data
 
-    def drop_backup(self, name: str) -> None:
-        try:
-            os.unlink(self.p(name))
-        except FileNotFoundError:
-            pass
-
     # --- the apply journal (journal.py decides what goes in; this stores it) ----------------
 
     def save_blob(self, data: bytes) -> str:
@@ -361,6 +355,9 @@ class StateDir:
         self._write_json("journal.json", data, compact=True)
 
     def start_journal_log(self) -> None:
+        if self._journal_fd is not None:  # never append to a replaced file
+            os.close(self._journal_fd)
+            self._journal_fd = None
         self._write("journal.log", b"")
 
     def journal_mark(self, entry: dict[str, Any]) -> None:

@@ -254,3 +254,25 @@ def test_units_and_drop_ins_under_a_sandbox_root(env):
         "")}, push=True)
     apply(env, "--json")
     assert not (unit_dir / "nginx.service.d/override.conf").exists()
+
+
+def test_a_rolled_back_prune_keeps_the_original_for_the_next_prune(env):
+    """A taken-over file dropped from Git gets its original back; when that revision is
+    rolled back the managed content returns, and the next prune still finds the original."""
+    pre = env["root"] / "etc/pre.conf"
+    pre.parent.mkdir(parents=True, exist_ok=True)
+    pre.write_text("original\n")
+    fleet: Fleet = env["fleet"]
+    base = (fleet.work / "roles/web.yaml").read_text()
+    fleet.commit(files={"roles/web.yaml": base + "  /etc/pre.conf: {content: \"managed\\n\"}\n"},
+                 push=True)
+    apply(env)
+    assert pre.read_text() == "managed\n"
+    fleet.commit(files={"roles/web.yaml": base + "  /etc/x.conf: {content: \"x\\n\", "
+                                                 "owner: nosuchuser}\n"}, push=True)
+    out = json.loads(apply(env, "--json", check=1).stdout)
+    assert out["rolled_back"]
+    assert pre.read_text() == "managed\n"  # the prune was undone with the rest
+    fleet.commit(files={"roles/web.yaml": base}, push=True)
+    apply(env)
+    assert pre.read_text() == "original\n"

@@ -270,9 +270,9 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
         change.msg = "no longer declared: restore the original from before the agent managed it"
         change.diff = text_diff(current, original["data"], name)
         if not dry:
+            # the backup stays: a rollback of this revision brings the entry back
             host.write_file(name, original["data"], original["mode"], original["uid"],
                             original["gid"])
-            ctx.state.drop_backup(backup)
         return change
     if st is None:
         change.msg = "no longer declared and already gone"
