@@ -25,7 +25,7 @@ from .host import Host
 from .journal import Journal
 from .model import DesiredState
 from .resources import Change
-from .source import LAST_GOOD_REF, Mirror
+from .source import FETCHED_REF, LAST_GOOD_REF, Mirror
 from .state import StateDir
 
 if TYPE_CHECKING:
@@ -230,6 +230,14 @@ class _Cycle:
         result, mirror = self.result, self.mirror
         if not self.fetching:
             self.tip = result.tip = self.last_good
+            # a drift cycle between fetches: still say so when the fetched tip is held
+            fetched = self.mirror.ref(FETCHED_REF) if self.last_good else None
+            if fetched and fetched != self.last_good:
+                bad = next((q for q in self.state.load_quarantine()
+                            if q["commit"] == fetched), None)
+                if bad is not None:
+                    self.target = fetched
+                    self._hold(bad)
             return
         fetched = mirror.fetch(self.should_stop)
         if (self.last_good and not mirror.rebuilt
@@ -432,6 +440,8 @@ class _Cycle:
             runner = health.Runner(fetch=self._probe_source)
             trial = health.trial(checks, self.desired.health, runner, self.should_stop)
             result.trial = trial.to_json()
+            # kept for status and reports until the next trial
+            self.st["last_trial"] = {**result.trial, "commit": self.target, "at": time.time()}
             if not trial.ok:
                 self._failed_trial(conv, journal, trial, digest, runner)
                 raise _Done

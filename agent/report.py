@@ -102,7 +102,8 @@ def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str,
         quarantine = state.load_quarantine()
     except AgentError:
         pass
-    trial = last.trial if last else None
+    # the last trial on this host: this cycle's, or the one that decided the state now
+    trial = (last.trial if last else None) or st.get("last_trial")
     out = {
         "host": host_identity(cfg)[0], "version": __version__,
         "state": last.state if last else "starting",
@@ -117,7 +118,7 @@ def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str,
         "next_cycle_at": None, "drift_corrections": 0, "drift_detected": 0, "cycles": 0,
         "paused": None, "config_error": "", "warnings": last.warnings if last else [],
         # issue 10: the trial of the last new revision, rollbacks, quarantine, degraded
-        "checks": (last.trial or last.after_rollback or {}).get("checks", []) if last else [],
+        "checks": (trial or (last.after_rollback if last else None) or {}).get("checks", []),
         "trial": trial, "rolled_back": last.rolled_back if last else "",
         "recovered": last.recovered if last else "",
         "rollbacks": st.get("rollbacks") or 0, "degraded": st.get("degraded"),
