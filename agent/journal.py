@@ -34,6 +34,7 @@ class Journal:
               records: list[dict[str, Any]]) -> None:
         """Persist the prior state (blobs already saved by the snapshots), fsynced, before
         anything on the host changes."""
+        self.state.sync_blobs()
         self.state.start_journal_log()
         self.head = {"commit": commit, "last_good": last_good, "plan": plan,
                      "phase": "applying", "started": time.time(), "records": records}

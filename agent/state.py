@@ -13,7 +13,7 @@ Layout:
     backup/<sha256 of path>.json   a file's original content and mode, saved when first taken over
     journal.json     the apply in progress: commit, phase, each touched resource's prior state
     journal.log      one line per resource the agent wrote in that apply (done marks)
-    blobs/<sha256>   content-addressed prior file contents for the journal (0600)
+    journal.blobs    the prior file contents the journal names, appended (0600)
     quarantine.json  commits whose health checks failed on this host, by plan digest
     lock             flock()ed by the process that runs a cycle
     mirror.git/      the bare pygit2 mirror
@@ -85,6 +85,9 @@ class StateDir:
         self.path = path
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
+        self._blobs_dirty = False
+        self._blob_fd: int | None = None
+        self._blob_refs: dict[str, str] = {}
 
     def p(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -314,42 +317,68 @@ class StateDir:
     # --- the apply journal (journal.py decides what goes in; this stores it) ----------------
 
     def save_blob(self, data: bytes) -> str:
-        """Content-addressed, 0600, written atomically (fsynced) once per content."""
+        """Append a prior content to the journal's pack (journal.blobs, 0600); returns its
+        reference `SHA256@OFFSET+LENGTH`. One file, so saving 2,000 contents is 2,000
+        appends and one fsync (sync_blobs, before the journal head), not 2,000 files."""
         digest = hashlib.sha256(data).hexdigest()
-        name = os.path.join("blobs", digest)
-        if not os.path.exists(self.p(name)):
-            try:
-                os.makedirs(self.p("blobs"), mode=0o700, exist_ok=True)
-            except OSError as e:
-                raise StateError(f"state: cannot create {self.p('blobs')}: {e.strerror}") \
-                    from None
-            self._write(name, data)
-        return digest
-
-    def load_blob(self, digest: str) -> bytes:
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise StateError(f"state: journal names a bad blob {digest!r}")
+        ref = self._blob_refs.get(digest)
+        if ref is not None:
+            return ref
         try:
-            with open(self.p(os.path.join("blobs", digest)), "rb") as f:
-                data = f.read()
+            if self._blob_fd is None:
+                self.ensure()
+                self._blob_fd = os.open(self.p("journal.blobs"), os.O_RDWR | os.O_APPEND
+                                        | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            offset = os.lseek(self._blob_fd, 0, os.SEEK_END)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._blob_fd, view):]
         except OSError as e:
-            raise StateError(f"state: journal blob {digest[:12]} cannot be read: "
+            raise StateError(f"state: cannot save a prior content in "
+                             f"{self.p('journal.blobs')}: {e.strerror}") from None
+        ref = f"{digest}@{offset}+{len(data)}"
+        self._blob_refs[digest] = ref
+        self._blobs_dirty = True
+        return ref
+
+    def sync_blobs(self) -> None:
+        """Make every saved prior content durable before the journal head names it."""
+        if self._blobs_dirty and self._blob_fd is not None:
+            os.fsync(self._blob_fd)
+        self._blobs_dirty = False
+
+    def load_blob(self, ref: str) -> bytes:
+        try:
+            digest, _, span = ref.partition("@")
+            offset, _, length = span.partition("+")
+            start, size = int(offset), int(length)
+            if len(digest) != 64 or start < 0 or size < 0:
+                raise ValueError(ref)
+        except ValueError:
+            raise StateError(f"state: the journal names a bad prior content {ref!r}") from None
+        try:
+            fd = os.open(self.p("journal.blobs"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, size, start)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StateError(f"state: journal prior content {digest[:12]} cannot be read: "
                              f"{e.strerror}") from None
         if hashlib.sha256(data).hexdigest() != digest:
-            raise StateError(f"state: journal blob {digest[:12]} is corrupt")
+            raise StateError(f"state: journal prior content {digest[:12]} is corrupt")
         return data
 
     def drop_blobs(self) -> None:
-        d = self.p("blobs")
+        if self._blob_fd is not None:
+            os.close(self._blob_fd)
+            self._blob_fd = None
+        self._blob_refs = {}
+        self._blobs_dirty = False
         try:
-            names = os.listdir(d)
+            os.unlink(self.p("journal.blobs"))
         except FileNotFoundError:
-            return
-        for name in names:
-            try:
-                os.unlink(os.path.join(d, name))
-            except OSError:
-                pass
+            pass
 
     def save_journal(self, data: dict[str, Any]) -> None:
         """The journal head, fsynced; a new head starts an empty done-log."""
