@@ -142,7 +142,7 @@ def cmd_apply(args: argparse.Namespace, plan_only: bool = False) -> int:
         send_now(cfg, status_json(cfg, result), result)
     if dry:
         return 1 if result.errors or result.failed else 0
-    return 0 if result.state in ("converged", "offline") else 1
+    return 0 if result.state in ("converged", "offline", "waiting") else 1
 
 
 def _human_cycle(result: Any, dry: bool) -> str:
@@ -174,6 +174,8 @@ def _human_cycle(result: Any, dry: bool) -> str:
         out.append(f"error: {e}\n")
     if getattr(result, "quarantined", "") and not result.errors:
         out.append(f"held: {result.rolled_back}\n")
+    if getattr(result, "waiting", ""):
+        out.append(f"waiting: {result.waiting}\n")
     commit = (result.commit or "-")[:12]
     if dry:
         n = sum(1 for c in result.changes if c.changed)

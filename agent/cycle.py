@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, trust
+from . import __version__, rollout, trust
 from . import facts as facts_mod
 from .config import Config, host_name_problem
 from .converge import Converger, Plan, clean, plan_digest
@@ -59,6 +59,8 @@ class CycleResult:
     rolled_back: str = ""  # why this cycle put the host back to last good
     quarantined: str = ""  # the tip, when it is quarantined on this host
     rollback_seconds: float = 0.0  # how long putting the journaled resources back took
+    waiting: str = ""  # why the tip waits (its wave, a window, a fleet-wide pause)
+    rollout: dict[str, Any] = field(default_factory=dict)  # wave, bucket, opens_at
 
     @property
     def changed(self) -> int:
@@ -82,7 +84,8 @@ class CycleResult:
                "commit_time": self.commit_time, "trial": self.trial,
                "after_rollback": self.after_rollback, "recovered": self.recovered,
                "rolled_back": self.rolled_back, "quarantined": self.quarantined,
-               "rollback_seconds": round(self.rollback_seconds, 3)}
+               "rollback_seconds": round(self.rollback_seconds, 3),
+               "waiting": self.waiting, "rollout": self.rollout}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -105,16 +108,18 @@ def host_identity(cfg: Config) -> tuple[str, dict[str, str]]:
 
 def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
               lock_wait: float = 0.0, should_stop: Callable[[], bool] = lambda: False,
-              on_phase: Callable[[str], None] = lambda phase: None
+              on_phase: Callable[[str], None] = lambda phase: None,
+              clock: Callable[[], float] = time.time
               ) -> tuple[CycleResult, Plan | None]:
     """Run one cycle. Returns the result and, for dry runs, the Plan. `on_phase` hears
-    "verifying" when a trial starts (the daemon shows it in status)."""
+    "verifying" when a trial starts (the daemon shows it in status). `clock` is the
+    time waves and windows are judged at (tests inject it)."""
 
     state = StateDir(cfg.state_dir)
     state.lock(wait=lock_wait)
     hosts: list[Host] = []
     try:
-        return _run(cfg, state, dry_run, fetch, should_stop, hosts, on_phase)
+        return _run(cfg, state, dry_run, fetch, should_stop, hosts, on_phase, clock)
     finally:
         for h in hosts:
             h.close()  # the directory fds held for the cycle
@@ -123,9 +128,10 @@ def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
 
 def _run(cfg: Config, state: StateDir, dry_run: bool, fetch: bool,
          should_stop: Callable[[], bool], hosts: list[Host],
-         on_phase: Callable[[str], None]) -> tuple[CycleResult, Plan | None]:
+         on_phase: Callable[[str], None], clock: Callable[[], float]
+         ) -> tuple[CycleResult, Plan | None]:
     cycle = _Cycle(cfg, state, dry_run, fetch, should_stop, hosts)
-    cycle.on_phase = on_phase
+    cycle.on_phase, cycle.clock = on_phase, clock
     try:
         cycle.recover()
         cycle.fetch()
@@ -165,6 +171,7 @@ class _Cycle:
         self.plan: Plan | None = None
         self.desired: DesiredState | None = None
         self.on_phase: Callable[[str], None] = lambda phase: None
+        self.clock: Callable[[], float] = time.time
 
     def _converger(self, full_check: bool) -> Converger:
         cfg = self.cfg
@@ -321,6 +328,26 @@ class _Cycle:
 
     # --- render ----------------------------------------------------------------------------
 
+    def _rollout_holds(self, digest: str) -> bool:
+        """A new plan waits for this host's wave, its window, or a fleet-wide pause, all
+        from the signed commit. A plan equal to last good's, and a host without last good,
+        go at once. Returns True when the host stays on last good."""
+        assert self.desired is not None
+        policy = self.desired.rollout
+        result = self.result
+        if "wave" in policy:
+            result.rollout = {"wave": policy["wave"], "bucket": policy["bucket"]}
+        if not policy or not self._last_good_here() or digest == self.st.get("last_good_plan"):
+            return False
+        decision = rollout.decide(policy, result.commit_time, self.clock())
+        if decision.go:
+            return False
+        result.waiting = f"{self.target[:12]}: {decision.reason}"
+        result.rollout.update(waiting=decision.reason, opens_at=decision.opens_at,
+                              tip=self.target)
+        self._use_last_good(result.waiting)
+        return True
+
     def _hold(self, bad: dict[str, Any]) -> None:
         """The tip is quarantined here: stay on last good, and say why."""
         result, tip = self.result, self.target
@@ -369,8 +396,10 @@ class _Cycle:
             digest = plan_digest(self.desired)
             bad = next((q for q in self.state.load_quarantine() if q["plan"] == digest), None)
             if bad is None:
-                return
-            self._hold(bad)  # now on last good (or done, without one)
+                if not self._rollout_holds(digest):
+                    return
+            else:
+                self._hold(bad)  # now on last good (or done, without one)
         except (RenderError, SourceError) as e:
             result.errors.append(str(e))
             log.error("%s", e, extra={"COMMIT": self.target, "STAGE": "render"})
@@ -455,6 +484,7 @@ class _Cycle:
                 self.mirror.set_ref(LAST_GOOD_REF, self.target)
             if new_rev or "checks" not in self.st:
                 self.st["checks"] = [c for c in checks if not c.get("no_restart")]
+            self.st["last_good_plan"] = digest  # what a new commit is compared with
             if new_rev and result.trial is not None:
                 self.st.pop("degraded", None)
             result.last_good = self.target
@@ -553,6 +583,8 @@ class _Cycle:
 def _final_state(result: CycleResult) -> str:
     if result.quarantined:
         return "rolled-back"
+    if result.waiting and result.ok:
+        return "waiting"
     if not result.ok:
         return "failed"
     if result.rejected:

@@ -109,7 +109,12 @@ class Daemon:
             return now + self.backoff
         phase = splay(self.host, interval)
         slot = ((now - phase) // interval + 1) * interval + phase
-        return slot + random.uniform(0, self.cfg.jitter)
+        slot += random.uniform(0, self.cfg.jitter)
+        # a tip waiting for this host's wave or window: look again when it opens
+        opens = (self.last.rollout or {}).get("opens_at") if self.last is not None else None
+        if opens and now < opens < slot:
+            return opens + 1.0
+        return slot
 
     # --- pause -------------------------------------------------------------------------
 
@@ -210,6 +215,11 @@ class Daemon:
             result.offline_reason = self.last.offline_reason
             if result.state == "converged":
                 result.state = "offline"
+        if not fetch and self.last is not None and self.last.waiting and result.ok \
+                and result.state == "converged":
+            # nor about the tip that waits for its wave or window
+            result.waiting, result.rollout = self.last.waiting, self.last.rollout
+            result.state = "waiting"
         self.last = result
         if "drift" in reasons:
             fixed = drift_fixes(result)

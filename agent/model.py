@@ -73,13 +73,15 @@ class DesiredState:
     resources: list[Resource] = field(default_factory=list)
     # the trial after an apply: {"window": s, "timeout": s, "interval": s} (health.py)
     health: dict[str, float] = field(default_factory=dict)
+    # when this host may take a new plan: wave, bucket, windows, pause (rollout.py)
+    rollout: dict[str, Any] = field(default_factory=dict)
 
     def by_id(self) -> dict[str, Resource]:
         return {r.identity: r for r in self.resources}
 
     def to_json(self, with_content: bool = True) -> dict[str, Any]:
         return {"host": self.host, "commit": self.commit, "roles": self.roles,
-                "vars": self.vars, "health": self.health,
+                "vars": self.vars, "health": self.health, "rollout": self.rollout,
                 "resources": [r.to_json(with_content) for r in self.resources]}
 
 

@@ -17,7 +17,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any
 
-from . import isolate
+from . import isolate, rollout
 from .config import parse_duration
 from .errors import RenderError, TreeError
 from .facts import Facts
@@ -30,8 +30,8 @@ from .yamlsrc import LineDict, YamlError, load
 # a role or host file: vars and one key per resource kind (files, packages, ...)
 _ROLE_KEYS = {"vars", *ROLE_KEYS}
 _HOST_KEYS = _ROLE_KEYS | {"roles", "health"}
-_GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars", "health"}
-_FLEET_KEYS = {"vars", "groups", "health"}
+_GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars", "health", "windows"}
+_FLEET_KEYS = {"vars", "groups", "health", "rollout", "pause", "windows"}
 # the trial after a new revision is applied (health.py): all required checks must hold
 # for `window`, within `timeout`, looked at every `interval`
 HEALTH_DEFAULTS = {"window": 60.0, "timeout": 180.0, "interval": 5.0}
@@ -135,6 +135,7 @@ class Renderer:
         self._health(fleet, "fleet.yaml", health)
         roles: list[tuple[str, str]] = []  # (role, where it was asked for)
         group_vars: list[dict] = []
+        windowed: list[tuple[int, LineDict]] = []  # matching groups with windows
         for i, group in enumerate(groups):
             if not isinstance(group, LineDict):
                 raise RenderError(f"render: fleet.yaml groups[{i}] must be a mapping "
@@ -144,6 +145,8 @@ class Renderer:
                     roles.append((r, group.where("roles")))
                 group_vars.append(self._typed(group, "vars", dict, f"groups[{i}]") or {})
                 self._health(group, f"fleet.yaml groups[{i}]", health)
+                if "windows" in group:
+                    windowed.append((i, group))
 
         host_file = f"hosts/{self.host}.yaml"
         host_doc = self._yaml(host_file, required=False)
@@ -183,7 +186,8 @@ class Renderer:
             raise RenderError(f"render: health.window ({health['window']:g}s) is longer than "
                               f"health.timeout ({health['timeout']:g}s): no trial could pass")
         state = DesiredState(self.host, self.tree.commit, [r for r, _ in roles if r in seen],
-                             merged, health=health)
+                             merged, health=health,
+                             rollout=rollout.parse(fleet, windowed, self.host, self.labels))
         declared: dict[str, tuple[Resource, str]] = {}
         sources = list(role_docs) + ([(host_file, host_doc)] if host_doc is not None else [])
         for path, doc in sources:

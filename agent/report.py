@@ -23,7 +23,7 @@ from .state import StateDir
 log = logging.getLogger("agent.report")
 
 _STATES = ("converged", "failed", "offline", "rejected", "paused", "applying", "starting",
-           "verifying", "rolled-back", "degraded")
+           "verifying", "rolled-back", "degraded", "waiting")
 
 
 def _esc(value: Any) -> str:
@@ -122,6 +122,8 @@ def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str,
         "trial": trial, "rolled_back": last.rolled_back if last else "",
         "recovered": last.recovered if last else "",
         "rollbacks": st.get("rollbacks") or 0, "degraded": st.get("degraded"),
+        # issue 11: this host's wave and bucket, and why the tip waits
+        "rollout": last.rollout if last else {}, "waiting": last.waiting if last else "",
         "quarantine": [{k: q.get(k) for k in ("commit", "at", "check", "output")}
                        for q in quarantine],
     }

@@ -42,7 +42,7 @@ _STATE_SHAPE = {"last_good": _OPT_STR, "last_good_time": _OPT_NUM,
                 "last_good_signer": _OPT_STR, "last_good_committer_time": _OPT_NUM,
                 "last_cycle": (dict, type(None)), "checks": (list, type(None)),
                 "degraded": (dict, type(None)), "rollbacks": (int, type(None)),
-                "last_trial": (dict, type(None))}
+                "last_trial": (dict, type(None)), "last_good_plan": (str, type(None))}
 _MANIFEST_SHAPE = {"commit": _OPT_STR, "render_key": _OPT_STR, "full_check_at": _NUM,
                    "host": _OPT_STR}
 _ENTRY_SHAPE = {"kind": str, "name": str, "digest": str, "path": str, "backup": str,
