@@ -380,6 +380,16 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         if r.get("rolled_back"):
             lines.append(f"{'':20} {r['rolled_back']}")
     lines.append("")
+    waves = [w for w in data.get("waves", []) if w["wave"] != "-"]
+    if waves:
+        lines.append(f"{'WAVE':12} {'HOSTS':>5} {'APPLIED':>7} {'FAILED':>6} {'WAITING':>7}  "
+                     f"OPENS")
+        for w in waves:
+            opens = (time.strftime("%Y-%m-%d %H:%M", time.localtime(w["opens_at"]))
+                     if w["opens_at"] else "open")
+            lines.append(f"{w['wave']:12} {w['hosts']:>5} {w['applied']:>7} {w['failed']:>6} "
+                         f"{w['waiting']:>7}  {opens}")
+        lines.append("")
     for commit, s in data["rollout"].items():
         lines.append(f"{commit[:7]}: {s['converged']}/{s['hosts']} hosts converged, "
                      f"{s['failed']} failed, {s.get('rolled_back', 0)} rolled back, "

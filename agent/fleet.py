@@ -87,7 +87,9 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
                "rolled_back": rep.get("rolled_back", ""),
                "quarantined": [q.get("commit") for q in rep.get("quarantine") or []
                                if isinstance(q, dict)],
-               "degraded": bool(rep.get("degraded"))}
+               "degraded": bool(rep.get("degraded")),
+               # issue 11: the host's wave (from its own policy) and why it waits
+               **_wave_of(rep)}
         if repository is not None and tip is not None and row["commit"]:
             row["behind"] = repository.behind(tip, row["commit"])
         rows.append(row)
@@ -107,4 +109,40 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
             s["degraded"] += 1
         elif r["state"] in ("converged", "offline"):
             s["converged"] += 1
-    return {"rows": rows, "rollout": summary, "tip": tip, "skipped": skipped}
+    return {"rows": rows, "rollout": summary, "tip": tip, "skipped": skipped,
+            "waves": waves_summary(rows, tip)}
+
+
+def _wave_of(rep: dict[str, Any]) -> dict[str, Any]:
+    r = rep.get("rollout")
+    r = r if isinstance(r, dict) else {}
+    wave = r.get("wave")
+    bucket = r.get("bucket")
+    opens = r.get("opens_at")
+    waiting = rep.get("waiting")
+    return {"wave": wave if isinstance(wave, str) else None,
+            "bucket": bucket if isinstance(bucket, int) and not isinstance(bucket, bool)
+            else None,
+            "opens_at": opens if isinstance(opens, int | float) and not isinstance(opens, bool)
+            else None,
+            "waiting": waiting if isinstance(waiting, str) else ""}
+
+
+def waves_summary(rows: list[dict[str, Any]], tip: str | None) -> list[dict[str, Any]]:
+    """Per wave, for the tip (or, without --repo, for the newest commit any host reports
+    waiting for or applied): hosts, applied, failed, waiting, and when it opens."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        name = r.get("wave") or "-"
+        w = out.setdefault(name, {"wave": name, "hosts": 0, "applied": 0, "failed": 0,
+                                  "waiting": 0, "opens_at": None})
+        w["hosts"] += 1
+        if r["state"] in ("failed", "rejected", "rolled-back", "degraded"):
+            w["failed"] += 1
+        elif r["state"] == "waiting":
+            w["waiting"] += 1
+            if r.get("opens_at"):
+                w["opens_at"] = min(w["opens_at"] or r["opens_at"], r["opens_at"])
+        elif tip is None or r["commit"] == tip:
+            w["applied"] += 1
+    return sorted(out.values(), key=lambda w: (w["opens_at"] or 0, w["wave"]))

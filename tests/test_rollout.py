@@ -208,3 +208,37 @@ def test_a_paused_fleet_applies_nothing_new(env):
     assert "hello from" in (env["root"] / "srv/www/index.html").read_text()
     human = agent("apply", "--config", str(env["cfg"]), check=0).stdout
     assert "waiting:" in human and "freeze for the sale" in human
+
+
+def test_fleet_status_shows_each_wave(tmp_path):
+    """200 hosts' reports, as the agents write them, half-way through a rollout."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    t0 = 1_800_000_000.0
+    now = t0 + 3 * 3600  # canary, early and half are open; all is not
+    expect: dict[str, dict[str, int]] = {}
+    for i in range(200):
+        host = f"host-{i:03d}"
+        p = policy_for(WAVES, host, {"canary": "true"} if i < 5 else {})
+        d = rollout.decide(p, t0, now)
+        state = "converged" if d.go else "waiting"
+        if d.go and i % 50 == 7:
+            state = "rolled-back"
+        e = expect.setdefault(p["wave"], {"hosts": 0, "applied": 0, "failed": 0,
+                                          "waiting": 0})
+        e["hosts"] += 1
+        e[{"converged": "applied", "waiting": "waiting", "rolled-back": "failed"}[state]] += 1
+        (drop / f"{host}.json").write_text(json.dumps({
+            "host": host, "state": state, "applied_commit": "a" * 40, "reported_at": now,
+            "rollout": {"wave": p["wave"], "bucket": p["bucket"],
+                        **({"opens_at": d.opens_at} if not d.go else {})},
+            "waiting": d.reason}))
+    p = agent("fleet", "status", "--reports", str(drop), "--json", "--stale", "1000000d",
+              check=None)
+    data = json.loads(p.stdout)
+    got = {w["wave"]: {k: w[k] for k in ("hosts", "applied", "failed", "waiting")}
+           for w in data["waves"]}
+    assert got == expect
+    assert [w for w in data["waves"] if w["wave"] == "all"][0]["opens_at"] == t0 + 6 * 3600
+    human = agent("fleet", "status", "--reports", str(drop), "--stale", "1000000d").stdout
+    assert "WAVE" in human and "canary" in human
