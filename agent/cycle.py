@@ -60,6 +60,7 @@ class CycleResult:
     quarantined: str = ""  # the tip, when it is quarantined on this host
     rollback_seconds: float = 0.0  # how long putting the journaled resources back took
     waiting: str = ""  # why the tip waits (its wave, a window, a fleet-wide pause)
+    halted: bool = False  # it waits because earlier waves failed it (rollout.halt)
     rollout: dict[str, Any] = field(default_factory=dict)  # wave, bucket, opens_at
 
     @property
@@ -85,7 +86,7 @@ class CycleResult:
                "after_rollback": self.after_rollback, "recovered": self.recovered,
                "rolled_back": self.rolled_back, "quarantined": self.quarantined,
                "rollback_seconds": round(self.rollback_seconds, 3),
-               "waiting": self.waiting, "rollout": self.rollout}
+               "waiting": self.waiting, "rollout": self.rollout, "halted": self.halted}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -336,10 +337,24 @@ class _Cycle:
         policy = self.desired.rollout
         result = self.result
         if "wave" in policy:
-            result.rollout = {"wave": policy["wave"], "bucket": policy["bucket"]}
+            result.rollout = {"wave": policy["wave"], "bucket": policy["bucket"],
+                              "wave_index": policy["wave_index"]}
         if not policy or not self._last_good_here() or digest == self.st.get("last_good_plan"):
             return False
         decision = rollout.decide(policy, result.commit_time, self.clock())
+        if decision.go and policy.get("halt") and self.cfg.report.sftp is not None:
+            from .fleet import drop_reports  # here: only a host about to apply reads it
+
+            try:
+                reports = drop_reports(self.cfg.report.sftp)
+            except Exception as e:  # noqa: BLE001 - a drop we cannot read never halts
+                result.warnings.append(f"rollout: the report drop cannot be read for "
+                                       f"halt: ({type(e).__name__}: {e}); going on")
+                reports = []
+            why = rollout.halted(policy, reports, self.target)
+            if why:
+                result.halted = True
+                decision = rollout.Decision(False, "halted", why)
         if decision.go:
             return False
         result.waiting = f"{self.target[:12]}: {decision.reason}"
@@ -584,7 +599,7 @@ def _final_state(result: CycleResult) -> str:
     if result.quarantined:
         return "rolled-back"
     if result.waiting and result.ok:
-        return "waiting"
+        return "halted" if result.halted else "waiting"
     if not result.ok:
         return "failed"
     if result.rejected:

@@ -54,6 +54,40 @@ def _report_problem(rep: dict[str, Any]) -> str:
     return ""
 
 
+def drop_reports(sftp: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Every host report in the SFTP drop, read with the host's own report account
+    (read-only use). Bad reports are skipped, as `fleet status` does."""
+    import asyncio
+
+    return asyncio.run(asyncio.wait_for(_drop_reports(sftp, timeout), timeout + 5))
+
+
+async def _drop_reports(sftp_cfg: Any, timeout: float) -> list[dict[str, Any]]:
+    import asyncssh
+
+    options = {"username": sftp_cfg.user, "port": sftp_cfg.port,
+               "known_hosts": (sftp_cfg.known_hosts if sftp_cfg.known_hosts
+                               else asyncssh.import_known_hosts("")),
+               "client_keys": [sftp_cfg.key] if sftp_cfg.key else None,
+               "config": None, "agent_path": None, "connect_timeout": timeout}
+    out = []
+    d = sftp_cfg.dir.rstrip("/")
+    async with asyncssh.connect(sftp_cfg.host, **options) as conn, \
+            conn.start_sftp_client() as sftp:
+        for name in await sftp.listdir(d):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            async with sftp.open(f"{d}/{name}", "rb") as f:
+                data = await f.read(1 << 20)
+            try:
+                rep = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(rep, dict) and not _report_problem(rep):
+                out.append(rep)
+    return out
+
+
 def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
                branch: str = "main", now: float | None = None) -> dict[str, Any]:
     """One row per host report in reports_dir, and a rollout summary per commit."""

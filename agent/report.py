@@ -23,7 +23,7 @@ from .state import StateDir
 log = logging.getLogger("agent.report")
 
 _STATES = ("converged", "failed", "offline", "rejected", "paused", "applying", "starting",
-           "verifying", "rolled-back", "degraded", "waiting")
+           "verifying", "rolled-back", "degraded", "waiting", "halted")
 
 
 def _esc(value: Any) -> str:

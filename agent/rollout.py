@@ -190,13 +190,59 @@ def _waves(r: Any, where: str, host: str, labels: dict[str, str]) -> dict[str, A
             last_percent = pct
             if by_percent is None and b < pct * BUCKETS / 100:
                 by_percent = wave
+    halt = None
+    if "halt" in r:
+        h = r["halt"]
+        if not isinstance(h, dict) or set(h) - {"failed_percent", "min_reports"} or \
+                "failed_percent" not in h:
+            raise _fail("rollout.halt must be {failed_percent: N, min_reports: M}", at("halt"))
+        fp, mr = h["failed_percent"], h.get("min_reports", 1)
+        if isinstance(fp, bool) or not isinstance(fp, int | float) or not 0 <= fp < 100:
+            raise _fail("rollout.halt.failed_percent must be a number in [0, 100)", at("halt"))
+        if isinstance(mr, bool) or not isinstance(mr, int) or mr < 1:
+            raise _fail("rollout.halt.min_reports must be a whole number >= 1", at("halt"))
+        halt = {"failed_percent": float(fp), "min_reports": mr}
     if last_percent != 100:
         raise _fail("rollout: the last percent wave must reach 100 (a host in no wave would "
                     "never get a new commit)", where)
     wave = chosen or by_percent
     assert wave is not None
-    return {"wave": wave["name"], "wave_index": wave["index"], "after": wave["after"],
-            "bucket": b}
+    out = {"wave": wave["name"], "wave_index": wave["index"], "after": wave["after"],
+           "bucket": b}
+    if halt is not None:
+        out["halt"] = halt
+    return out
+
+
+_FAILED = ("failed", "rejected", "rolled-back", "degraded")
+
+
+def halted(policy: dict[str, Any], reports: list[dict[str, Any]], tip: str) -> str:
+    """Why this host must not take `tip` ("" = it may), from the report drop: among the
+    hosts of earlier waves that report about the tip, too many failed. Reports can only
+    stop a rollout: nothing here ever makes a host apply."""
+    rule = policy.get("halt")
+    mine = policy.get("wave_index", 0)
+    if not rule or mine == 0:
+        return ""
+    about = []
+    for rep in reports:
+        r = rep.get("rollout") if isinstance(rep.get("rollout"), dict) else {}
+        idx = r.get("wave_index")
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx >= mine:
+            continue
+        quarantined = [q.get("commit") for q in rep.get("quarantine") or []
+                       if isinstance(q, dict)]
+        if rep.get("applied_commit") == tip or r.get("tip") == tip or tip in quarantined:
+            about.append(rep)
+    failed = sum(1 for rep in about if rep.get("state") in _FAILED)
+    if len(about) < rule["min_reports"] or not about:
+        return ""
+    share = 100.0 * failed / len(about)
+    if share <= rule["failed_percent"]:
+        return ""
+    return (f"halted: {failed} of {len(about)} hosts of earlier waves failed or rolled back "
+            f"{tip[:12]} ({share:.0f}% > halt.failed_percent {rule['failed_percent']:g})")
 
 
 @dataclass

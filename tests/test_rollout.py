@@ -242,3 +242,69 @@ def test_fleet_status_shows_each_wave(tmp_path):
     assert [w for w in data["waves"] if w["wave"] == "all"][0]["opens_at"] == t0 + 6 * 3600
     human = agent("fleet", "status", "--reports", str(drop), "--stale", "1000000d").stdout
     assert "WAVE" in human and "canary" in human
+
+
+def test_halt_reads_the_drop_and_only_ever_stops(tmp_path, fleet, sshd):
+    """Hosts of earlier waves report the tip failed: a later-wave host holds (halted).
+    Reports can stop a rollout but never start one: a closed wave stays closed whatever
+    the drop says."""
+    from test_transport_reports import report_config
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = report_config(tmp_path, fleet, sshd, drop, "web-01")
+    agent("apply", "--config", str(cfg), check=0)
+    waves = ("rollout:\n  seed: s\n  waves:\n"
+             "    - {name: canary, select: {labels: {canary: \"true\"}}}\n"
+             "    - {name: all, percent: 100}\n"
+             "  halt: {failed_percent: 10, min_reports: 3}\n")
+    role = (fleet.work / "roles/web.yaml").read_text()
+    fleet.commit("new", push=True, files={
+        "fleet.yaml": waves + (fleet.work / "fleet.yaml").read_text(),
+        "roles/web.yaml": role.replace("hello from", "halted at")})
+    tip = fleet.head()
+
+    def canary(name: str, state: str) -> None:
+        (drop / f"{name}.json").write_text(json.dumps({
+            "host": name, "state": state, "reported_at": 1e9,
+            "applied_commit": tip if state == "converged" else "b" * 40,
+            "rollout": {"wave": "canary", "wave_index": 0, "bucket": 1, "tip": tip},
+            "quarantine": [{"commit": tip}] if state == "rolled-back" else []}))
+
+    canary("c-1", "converged")
+    canary("c-2", "rolled-back")  # 1 of 2: too few reports to judge
+    out = apply({"cfg": cfg})
+    assert out["state"] == "converged", out  # min_reports not reached: no halt
+    # back to the old content (a new commit), then the canaries go bad for the next one
+    fleet.commit("old again", push=True, files={"roles/web.yaml": role})
+    apply({"cfg": cfg})
+    fleet.commit("new again", push=True, files={
+        "roles/web.yaml": role.replace("hello from", "halted at")})
+    tip = fleet.head()
+    canary("c-1", "converged")
+    canary("c-2", "rolled-back")
+    canary("c-3", "degraded")
+    out = apply({"cfg": cfg})
+    assert out["state"] == "halted" and out["halted"], out
+    assert "2 of 3 hosts of earlier waves failed" in out["waiting"]
+    assert "hello from" in (tmp_path / "root-web-01/srv/www/index.html").read_text()
+    # all canaries fine again: the host goes
+    for n in ("c-1", "c-2", "c-3"):
+        canary(n, "converged")
+    out = apply({"cfg": cfg})
+    assert out["state"] == "converged"
+
+
+def test_halt_never_starts_a_wave():
+    """halted() can only add a reason to wait; a wave that has not opened stays shut
+    whatever the drop says (the cycle asks halted() only once decide() says go)."""
+    text = WAVES + "  halt: {failed_percent: 10, min_reports: 1}\n"
+    host = next(f"h{i}" for i in range(1000) if policy_for(text, f"h{i}")["wave"] == "all")
+    p = policy_for(text, host)
+    tip = "a" * 40
+    glowing = [{"host": f"c{i}", "state": "converged", "applied_commit": tip,
+                "rollout": {"wave_index": 0}} for i in range(50)]
+    assert rollout.halted(p, glowing, tip) == ""
+    assert not rollout.decide(p, 1e9, 1e9 + 3600).go  # 'all' opens after 6h
+    bad = [{**r, "state": "rolled-back"} for r in glowing]
+    assert rollout.halted(p, bad, tip).startswith("halted: 50 of 50")
