@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--repo")
     st.add_argument("--branch", default="main")
     st.add_argument("--stale", default="15m", help="a report older than this is stale")
+    st.add_argument("--html", metavar="FILE", help="also write the rollout as one "
+                                                    "self-contained HTML page")
     return p
 
 
@@ -365,6 +367,14 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         for r in data["rows"])
     for why in data["skipped"]:
         print(f"warning: fleet status: {why}", file=sys.stderr)
+    if args.html:
+        from .fleet_html import page
+        from .host import write_atomic
+
+        try:
+            write_atomic(os.path.abspath(args.html), page(data).encode(), mode=0o644)
+        except OSError as e:
+            raise UsageError(f"fleet status: --html {args.html}: {e.strerror}") from None
     if args.json:
         print(json.dumps(data, indent=1, sort_keys=True, default=str))
         return 1 if bad else 0

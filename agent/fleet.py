@@ -143,8 +143,17 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
             s["degraded"] += 1
         elif r["state"] in ("converged", "offline"):
             s["converged"] += 1
+    timeline = []
+    if repository is not None and tip is not None:
+        # how far each of the last commits got: hosts on it or on a commit after it
+        for commit in repository.history(tip, limit=10):
+            reached = 0
+            for r in rows:
+                reached += bool(r["commit"]) and repository.descends(r["commit"], commit)
+            timeline.append({"commit": commit, "time": repository.commit_time(commit),
+                             "reached": reached, "hosts": len(rows)})
     return {"rows": rows, "rollout": summary, "tip": tip, "skipped": skipped,
-            "waves": waves_summary(rows, tip)}
+            "waves": waves_summary(rows, tip), "timeline": timeline}
 
 
 def _wave_of(rep: dict[str, Any]) -> dict[str, Any]:

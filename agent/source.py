@@ -208,7 +208,11 @@ class Mirror:
             raise SourceError(f"commit {commit[:12]} is a malformed commit object") from None
 
     def descends(self, commit: str, ancestor: str) -> bool:
-        return commit == ancestor or bool(self.repo.descendant_of(commit, ancestor))
+        """commit is ancestor or comes after it; False when either is not here."""
+        try:
+            return commit == ancestor or bool(self.repo.descendant_of(commit, ancestor))
+        except (KeyError, ValueError, pygit2.GitError):
+            return False
 
     def history(self, tip: str, hide: str | None = None, limit: int | None = None
                 ) -> list[str]:

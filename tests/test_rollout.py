@@ -210,14 +210,12 @@ def test_a_paused_fleet_applies_nothing_new(env):
     assert "waiting:" in human and "freeze for the sale" in human
 
 
-def test_fleet_status_shows_each_wave(tmp_path):
-    """200 hosts' reports, as the agents write them, half-way through a rollout."""
-    drop = tmp_path / "drop"
-    drop.mkdir()
+def write_drop(drop, n: int = 200) -> dict[str, dict[str, int]]:
+    """n hosts' reports, as the agents write them, half-way through a rollout."""
     t0 = 1_800_000_000.0
     now = t0 + 3 * 3600  # canary, early and half are open; all is not
     expect: dict[str, dict[str, int]] = {}
-    for i in range(200):
+    for i in range(n):
         host = f"host-{i:03d}"
         p = policy_for(WAVES, host, {"canary": "true"} if i < 5 else {})
         d = rollout.decide(p, t0, now)
@@ -232,13 +230,22 @@ def test_fleet_status_shows_each_wave(tmp_path):
             "host": host, "state": state, "applied_commit": "a" * 40, "reported_at": now,
             "rollout": {"wave": p["wave"], "bucket": p["bucket"],
                         **({"opens_at": d.opens_at} if not d.go else {})},
-            "waiting": d.reason}))
+            "waiting": d.reason, "rolled_back": "<script>alert(1)</script>"
+            if state == "rolled-back" else ""}))
+    return expect
+
+
+def test_fleet_status_shows_each_wave(tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    expect = write_drop(drop)
     p = agent("fleet", "status", "--reports", str(drop), "--json", "--stale", "1000000d",
               check=None)
     data = json.loads(p.stdout)
     got = {w["wave"]: {k: w[k] for k in ("hosts", "applied", "failed", "waiting")}
            for w in data["waves"]}
     assert got == expect
+    t0 = 1_800_000_000.0
     assert [w for w in data["waves"] if w["wave"] == "all"][0]["opens_at"] == t0 + 6 * 3600
     human = agent("fleet", "status", "--reports", str(drop), "--stale", "1000000d").stdout
     assert "WAVE" in human and "canary" in human
