@@ -144,7 +144,8 @@ def cmd_apply(args: argparse.Namespace, plan_only: bool = False) -> int:
         send_now(cfg, status_json(cfg, result), result)
     if dry:
         return 1 if result.errors or result.failed else 0
-    return 0 if result.state in ("converged", "offline", "waiting", "halted") else 1
+    return 0 if result.state in ("converged", "offline", "waiting", "halted",
+                                 "rebooting") else 1
 
 
 def _human_cycle(result: Any, dry: bool) -> str:

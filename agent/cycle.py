@@ -25,6 +25,7 @@ from .host import Host
 from .journal import Journal
 from .model import DesiredState
 from .resources import Change
+from .resources.base import REBOOT
 from .source import FETCHED_REF, LAST_GOOD_REF, Mirror
 from .state import StateDir
 
@@ -61,6 +62,7 @@ class CycleResult:
     rollback_seconds: float = 0.0  # how long putting the journaled resources back took
     waiting: str = ""  # why the tip waits (its wave, a window, a fleet-wide pause)
     halted: bool = False  # it waits because earlier waves failed it (rollout.halt)
+    rebooted: str = ""  # the commit confirmed after the reboot it asked for
     rollout: dict[str, Any] = field(default_factory=dict)  # wave, bucket, opens_at
 
     @property
@@ -86,7 +88,8 @@ class CycleResult:
                "after_rollback": self.after_rollback, "recovered": self.recovered,
                "rolled_back": self.rolled_back, "quarantined": self.quarantined,
                "rollback_seconds": round(self.rollback_seconds, 3),
-               "waiting": self.waiting, "rollout": self.rollout, "halted": self.halted}
+               "waiting": self.waiting, "rollout": self.rollout, "halted": self.halted,
+               "rebooted": self.rebooted}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -199,6 +202,14 @@ class _Cycle:
         except AgentError as e:
             self.result.errors.append(f"recovery of {commit[:12]}: {e}")
             raise _Done from None
+        if head.get("phase") == "reboot":
+            if head.get("boot") == self.host.boot_id():
+                journal = Journal(self.state)
+                journal.head = head
+                self._reboot_if_allowed(journal)  # still before the reboot it needs
+                raise _Done
+            self._confirm_after_reboot(head, marks)
+            return
         changes = self._converger(True).rollback(records, marks, commit)
         failed = [c for c in changes if c.failed]
         during = " during its health-check trial" if head.get("phase") == "trial" else ""
@@ -475,9 +486,23 @@ class _Cycle:
                 self._save_manifest(new_resources, complete=False)
             result.state = _final_state(result)
             raise _Done
+        reboot_for = self._needs_reboot(changes)
         checks = health.checks_of(self.desired.resources, [
             c.data["health"]["systemd"] for c in changes
             if c.changed and not c.failed and "systemd" in c.data.get("health", {})])
+        if reboot_for and new_rev and journal.active:
+            if self.host.root != "/":
+                result.warnings.append(f"reboot asked for by {', '.join(reboot_for)}: skipped "
+                                       f"under a sandbox root")
+            else:
+                # the trial, and promotion, come after the reboot (recover() confirms)
+                journal.phase("reboot", boot=self.host.boot_id(), issued=False,
+                              checks=checks, health=self.desired.health,
+                              manifest=new_resources, key=self.key, name=self.name,
+                              signer=result.signer, commit_time=result.commit_time,
+                              plan=digest, policy=self.desired.rollout, why=reboot_for)
+                self._reboot_if_allowed(journal)
+                raise _Done
         if new_rev and journal.active and checks:
             journal.phase("trial")
             self.on_phase("verifying")
@@ -509,6 +534,92 @@ class _Cycle:
                 result.errors.append(str(e))
         journal.close()
         result.state = _final_state(result)
+
+    def _needs_reboot(self, changes: list) -> list[str]:
+        """The changed resources whose declaration notifies `reboot`."""
+        assert self.desired is not None
+        changed = {c.id for c in changes if c.changed and not c.failed}
+        return [r.identity for r in self.desired.resources
+                if r.identity in changed and REBOOT in r.notify]
+
+    def _reboot_if_allowed(self, journal: Journal) -> None:
+        """Reboot now if the policy allows (once per commit), else wait for the window."""
+        head = journal.head
+        assert head is not None
+        result = self.result
+        commit = str(head["commit"])
+        result.commit = commit
+        if head.get("issued"):
+            result.state, result.waiting = "rebooting", (
+                f"rebooting for {commit[:12]}: requested, waiting for the system to go down")
+            return
+        decision = rollout.may_reboot(head.get("policy") or {}, self.clock())
+        if not decision.go:
+            result.state = "waiting"
+            result.waiting = f"{commit[:12]} is applied; {decision.reason}"
+            result.rollout = {**result.rollout, "opens_at": decision.opens_at, "tip": commit}
+            return
+        journal.phase("reboot", issued=True, issued_at=time.time())  # never twice
+        log.warning("cycle: rebooting for %s (asked for by %s)", commit[:12],
+                    ", ".join(head.get("why") or []), extra={"COMMIT": commit,
+                                                             "STAGE": "reboot"})
+        r = self.host.run(["systemctl", "reboot"])
+        if not r.ok:
+            result.errors.append(f"reboot for {commit[:12]}: systemctl reboot: "
+                                 f"{r.error_text()}")
+            return
+        result.state, result.waiting = "rebooting", f"rebooting for {commit[:12]}"
+
+    def _confirm_after_reboot(self, head: dict[str, Any], marks: list) -> None:
+        """Back from the reboot a revision asked for: its checks decide (as a trial
+        would), then it is promoted to last good or rolled back and quarantined."""
+        from . import health
+
+        result, commit = self.result, str(head["commit"])
+        checks = head.get("checks") or []
+        trial = (health.trial(checks, head.get("health") or {}, health.Runner(
+            fetch=self._probe_source), self.should_stop) if checks else health.Trial(True))
+        result.trial = trial.to_json() if checks else None
+        if trial.ok:
+            self.manifest = {"commit": commit, "render_key": head.get("key"),
+                             "full_check_at": time.time(), "host": head.get("name"),
+                             "resources": head.get("manifest") or {}}
+            self.state.save_manifest(self.manifest)
+            self.st.update(last_good=commit, last_good_time=time.time(),
+                           last_good_signer=head.get("signer"),
+                           last_good_committer_time=head.get("commit_time"),
+                           last_good_plan=head.get("plan"),
+                           checks=[c for c in checks if not c.get("no_restart")])
+            self.mirror.set_ref(LAST_GOOD_REF, commit)
+            self.state.save_state(self.st)
+            self.state.clear_journal()
+            self.last_good = result.last_good = commit
+            result.rebooted = commit
+            result.warnings.append(f"rebooted for {commit[:12]}: confirmed"
+                                   + (" (health checks passed)" if checks else ""))
+            log.info("cycle: rebooted for %s: confirmed", commit[:12],
+                     extra={"COMMIT": commit, "STAGE": "reboot"})
+            return
+        undo = self._converger(True).rollback(head.get("records") or [], marks, commit)
+        result.changes.extend(undo)
+        failing = trial.failing
+        result.rolled_back = (f"{commit[:12]} rolled back after its reboot: health check "
+                              f"{failing.name if failing else '?'} failed"
+                              f"{': ' + failing.output if failing else ''}; the old "
+                              f"configuration may need a reboot to take full effect")
+        result.errors.append(result.rolled_back)
+        q = self.state.load_quarantine()
+        q.append({"commit": commit, "plan": head.get("plan") or "", "at": time.time(),
+                  "check": failing.name if failing else "",
+                  "output": failing.output if failing else "", "host": head.get("name"),
+                  "rolled_back_to": head.get("last_good")})
+        self.state.save_quarantine(q[-100:])
+        self.st["rollbacks"] = int(self.st.get("rollbacks") or 0) + 1
+        result.quarantined = commit
+        self._invalidate_manifest()
+        self.state.clear_journal()
+        result.state = "rolled-back"
+        raise _Done
 
     def _save_manifest(self, resources: dict[str, Any], complete: bool) -> None:
         checked_at = self.now if self.full_check else self.manifest.get("full_check_at",

@@ -347,6 +347,21 @@ class Host:
         finally:
             os.close(fd)
 
+    @staticmethod
+    def boot_id() -> str:
+        """This boot: the kernel's boot id and the start time of PID 1 as this process
+        sees it (a container's init restarted is a new boot too)."""
+        parts = []
+        for path in ("/proc/sys/kernel/random/boot_id", "/proc/1/stat"):
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except OSError:
+                text = ""
+            parts.append(text.strip() if "boot_id" in path
+                         else (text.rsplit(")", 1)[-1].split() + [""] * 20)[19])
+        return ":".join(parts)
+
     def run(self, argv: list[str], *, timeout: float = 600, env: dict | None = None,
             input: bytes | None = None) -> Result:
         """Run argv (a list, never a shell string) and capture its output."""

@@ -31,7 +31,7 @@ from .yamlsrc import LineDict, YamlError, load
 _ROLE_KEYS = {"vars", *ROLE_KEYS}
 _HOST_KEYS = _ROLE_KEYS | {"roles", "health"}
 _GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars", "health", "windows"}
-_FLEET_KEYS = {"vars", "groups", "health", "rollout", "pause", "windows"}
+_FLEET_KEYS = {"vars", "groups", "health", "rollout", "pause", "windows", "reboot"}
 # the trial after a new revision is applied (health.py): all required checks must hold
 # for `window`, within `timeout`, looked at every `interval`
 HEALTH_DEFAULTS = {"window": 60.0, "timeout": 180.0, "interval": 5.0}

@@ -23,7 +23,8 @@ from .state import StateDir
 log = logging.getLogger("agent.report")
 
 _STATES = ("converged", "failed", "offline", "rejected", "paused", "applying", "starting",
-           "verifying", "rolled-back", "degraded", "waiting", "halted")
+           "verifying", "rolled-back", "degraded", "waiting", "halted",
+           "rebooting")
 
 
 def _esc(value: Any) -> str:

@@ -126,6 +126,13 @@ def parse(fleet: Any, groups: list[Any], host: str, labels: dict[str, str]) -> d
         policy["pause"] = reason
     if "windows" in fleet:
         policy["windows"] = parse_windows(fleet["windows"], "fleet.yaml", fleet.where)
+    if "reboot" in fleet:
+        rb = fleet["reboot"]
+        if not isinstance(rb, dict) or set(rb) != {"when"} or rb["when"] not in (
+                "window", "now"):
+            raise _fail("fleet.yaml reboot must be {when: window} or {when: now}",
+                        fleet.where("reboot"))
+        policy["reboot"] = rb["when"]
     mine = []
     for i, g in groups:
         mine.extend(parse_windows(g["windows"], f"fleet.yaml groups[{i}]", g.where))
@@ -272,6 +279,19 @@ def decide(policy: dict[str, Any], commit_time: float, now: float) -> Decision:
                 if nxt else "not within 15 days")
         return Decision(False, "waiting", f"outside the maintenance window; next: {when}", nxt)
     return Decision(True)
+
+
+def may_reboot(policy: dict[str, Any], now: float) -> Decision:
+    """A reboot a change asked for: at once (`reboot: {when: now}`, or no window
+    declared), else inside the host's windows."""
+    lists = [w for w in (policy.get("windows"), policy.get("group_windows")) if w]
+    if policy.get("reboot") == "now" or not lists or all(in_window(ws, now) for ws in lists):
+        return Decision(True)
+    nxt = _next_common(lists, now)
+    when = (dt.datetime.fromtimestamp(nxt, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            if nxt else "not within 15 days")
+    return Decision(False, "waiting", f"the reboot waits for the maintenance window; next: "
+                    f"{when}", nxt)
 
 
 def _next_common(lists: list[list[dict[str, Any]]], now: float) -> float | None:

@@ -315,3 +315,39 @@ def test_halt_never_starts_a_wave():
     assert not rollout.decide(p, 1e9, 1e9 + 3600).go  # 'all' opens after 6h
     bad = [{**r, "state": "rolled-back"} for r in glowing]
     assert rollout.halted(p, bad, tip).startswith("halted: 50 of 50")
+
+
+def test_a_reboot_waits_for_the_window_unless_told_now():
+    assert rollout.may_reboot({}, 0).go  # no window declared: at once
+    p = policy_for("windows:\n  - {days: [sat], start: \"02:00\", duration: 1h}\n", "h")
+    friday = at(2026, 11, 27, 12, 0)
+    d = rollout.may_reboot(p, friday)
+    assert not d.go and d.opens_at == at(2026, 11, 28, 2, 0) and "reboot waits" in d.reason
+    assert rollout.may_reboot(p, at(2026, 11, 28, 2, 30)).go
+    now = policy_for("reboot: {when: now}\nwindows:\n  - {days: [sat], start: \"02:00\", "
+                     "duration: 1h}\n", "h")
+    assert rollout.may_reboot(now, friday).go
+
+
+def test_notify_reboot_under_a_sandbox_root_is_skipped_and_said(env):
+    fleet: Fleet = env["fleet"]
+    apply(env)
+    role = (fleet.work / "roles/web.yaml").read_text()
+    fleet.commit("kernel args", push=True, files={
+        "roles/web.yaml": role + "  /etc/default/grub.d/x.cfg: {content: \"X=1\\n\", "
+                                 "notify: [reboot]}\n"})
+    out = apply(env)
+    assert out["state"] == "converged"
+    assert any("skipped under a sandbox root" in w for w in out["warnings"])
+    p = agent("render", "--repo", str(fleet.work), "--host", "web-01", "--label", "env=prod",
+              "--json", check=0)
+    res = [r for r in json.loads(p.stdout)["resources"] if r["name"].endswith("x.cfg")][0]
+    assert res["spec"]["notify"] == ["reboot"]  # not reboot.service
+
+
+def test_bad_reboot_policy_is_an_error(env):
+    fleet: Fleet = env["fleet"]
+    fleet.commit(files={"fleet.yaml": "reboot: {when: later}\n"
+                        + (fleet.work / "fleet.yaml").read_text()}, push=True)
+    p = agent("apply", "--config", str(env["cfg"]), check=1)
+    assert "reboot must be {when: window}" in p.stderr and "fleet.yaml:1" in p.stderr

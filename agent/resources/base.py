@@ -160,9 +160,13 @@ def parse_mode(value: Any, what: str, where: str) -> str:
 
 
 def parse_names(value: Any, what: str, where: str) -> list[str]:
-    """A notify list: service names, `.service` added where no type is given."""
+    """A notify list: service names, `.service` added where no type is given, and the
+    word `reboot` (the change needs the machine restarted: cycle.py schedules it)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise RenderError(f"render: {what} must be a list of service names ({where})")
-    return [v if "." in v else f"{v}.service" for v in value]
+    return [v if "." in v or v == REBOOT else f"{v}.service" for v in value]
+
+
+REBOOT = "reboot"  # a notify target that is not a service

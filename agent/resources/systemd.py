@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RenderError
 from ..model import Change, Resource, identity
-from .base import Env, Kind, ParseCtx, parse_names
+from .base import REBOOT, Env, Kind, ParseCtx, parse_names
 from .files import Ctx as FileCtx
 from .files import apply as file_apply
 from .files import check as file_check
@@ -330,7 +330,7 @@ class ServiceKind(Kind):
             if res.identity not in changed:
                 continue
             for name in res.notify:
-                if name not in wanted:
+                if name not in wanted and name != REBOOT:
                     wanted.append(name)
         out = []
         for name in wanted:
