@@ -498,7 +498,7 @@ class _Cycle:
                 # the trial, and promotion, come after the reboot (recover() confirms)
                 journal.phase("reboot", boot=self.host.boot_id(), issued=False,
                               checks=checks, health=self.desired.health,
-                              manifest=new_resources, key=self.key, name=self.name,
+                              manifest=new_resources, key=self.key, host=self.name,
                               signer=result.signer, commit_time=result.commit_time,
                               plan=digest, policy=self.desired.rollout, why=reboot_for)
                 self._reboot_if_allowed(journal)
@@ -582,7 +582,7 @@ class _Cycle:
         result.trial = trial.to_json() if checks else None
         if trial.ok:
             self.manifest = {"commit": commit, "render_key": head.get("key"),
-                             "full_check_at": time.time(), "host": head.get("name"),
+                             "full_check_at": time.time(), "host": head.get("host"),
                              "resources": head.get("manifest") or {}}
             self.state.save_manifest(self.manifest)
             self.st.update(last_good=commit, last_good_time=time.time(),
@@ -611,7 +611,7 @@ class _Cycle:
         q = self.state.load_quarantine()
         q.append({"commit": commit, "plan": head.get("plan") or "", "at": time.time(),
                   "check": failing.name if failing else "",
-                  "output": failing.output if failing else "", "host": head.get("name"),
+                  "output": failing.output if failing else "", "host": head.get("host"),
                   "rolled_back_to": head.get("last_good")})
         self.state.save_quarantine(q[-100:])
         self.st["rollbacks"] = int(self.st.get("rollbacks") or 0) + 1

@@ -50,11 +50,11 @@ class Journal:
                 entry[key] = change.data[key]
         self.state.journal_mark(entry)
 
-    def phase(self, name: str, **extra: Any) -> None:
+    def phase(self, phase: str, **extra: Any) -> None:
         if self.head is None:
             return
         self.state.sync_journal()
-        self.head.update(phase=name, **extra)
+        self.head.update(phase=phase, **extra)
         self.state.save_journal(self.head)
 
     def marks(self) -> list[dict[str, Any]]:

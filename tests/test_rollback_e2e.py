@@ -117,3 +117,51 @@ def test_broken_service_http_and_route_to_git_roll_back(tmp_path, bed):  # noqa:
         assert bed.run("gitops-agent", "check").returncode == 0
     finally:
         daemon.stop()
+
+
+def test_a_notified_reboot_in_the_window_is_confirmed_after_boot(tmp_path, bed):  # noqa: F811
+    """A change that notifies `reboot` reboots the host inside its window (the testbed's
+    systemd goes down and is booted again: a new PID 1), once; after boot the agent
+    runs the revision's checks and confirms it: last good, `rebooted for <commit>`."""
+    import datetime as dt
+    import time
+
+    (tmp_path / "git").mkdir()
+    hour = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)).strftime("%H:00")
+    fleet = Fleet(tmp_path / "git", files={
+        "fleet.yaml": f"windows:\n  - {{start: \"{hour}\", duration: 3h, tz: UTC}}\n"
+                      "health: {window: 1s, timeout: 20s, interval: 0.2s}\n"
+                      "groups:\n  - roles: [base]\n",
+        "roles/base.yaml": "files: {/etc/motd: {content: \"v1\\n\"}}\n"})
+    daemon = GitDaemon(tmp_path / "git")
+    daemon.start()
+    try:
+        unsigned_config(bed, daemon.url("fleet.git"))
+        first = json.loads(bed.run("gitops-agent", "apply", "--json").stdout)
+        assert first["state"] == "converged"
+        fleet.commit("needs a reboot", push=True, files={
+            "roles/base.yaml": "files: {/etc/motd: {content: \"v1\\n\"}, "
+                               "/etc/kernel-args: {content: \"quiet\\n\", notify: [reboot]}}\n"
+                               "checks: {motd: {command: [/usr/bin/test, -s, /etc/kernel-args]}}\n"})
+        new = fleet.head()
+        p = bed.run("gitops-agent", "apply", "--json", check=False, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out = json.loads(p.stdout)
+        assert out["state"] == "rebooting" and new[:12] in out["waiting"]
+        assert out["last_good"] == first["commit"]  # not promoted before the reboot
+        assert bed.proc is not None
+        bed.proc.wait(120)  # the testbed's systemd went down: `systemctl reboot`
+        bed.pid, bed.proc = 0, None
+        time.sleep(1)
+        bed.boot()
+        after = json.loads(bed.run("gitops-agent", "apply", "--json").stdout)
+        assert after["rebooted"] == new, after
+        assert any(f"rebooted for {new[:12]}: confirmed" in w for w in after["warnings"])
+        assert after["last_good"] == new and after["state"] == "converged"
+        assert after["trial"]["ok"]
+        # once per commit: the next cycles do not reboot again
+        again = json.loads(bed.run("gitops-agent", "apply", "--json").stdout)
+        assert again["state"] == "converged" and not again["rebooted"]
+        assert (bed.root / "etc/kernel-args").read_text() == "quiet\n"
+    finally:
+        daemon.stop()

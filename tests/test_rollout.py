@@ -208,6 +208,10 @@ def test_a_paused_fleet_applies_nothing_new(env):
     assert "hello from" in (env["root"] / "srv/www/index.html").read_text()
     human = agent("apply", "--config", str(env["cfg"]), check=0).stdout
     assert "waiting:" in human and "freeze for the sale" in human
+    motd = env["root"] / "etc/motd"
+    good = motd.read_text()
+    motd.write_text("drifted\n")  # drift of the current revision is corrected, paused or not
+    assert apply(env)["state"] == "waiting" and motd.read_text() == good
 
 
 def write_drop(drop, n: int = 200) -> dict[str, dict[str, int]]:
