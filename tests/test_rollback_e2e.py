@@ -127,7 +127,7 @@ def test_a_notified_reboot_in_the_window_is_confirmed_after_boot(tmp_path, bed):
     import time
 
     (tmp_path / "git").mkdir()
-    hour = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)).strftime("%H:00")
+    hour = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime("%H:00")
     fleet = Fleet(tmp_path / "git", files={
         "fleet.yaml": f"windows:\n  - {{start: \"{hour}\", duration: 3h, tz: UTC}}\n"
                       "health: {window: 1s, timeout: 20s, interval: 0.2s}\n"
