@@ -142,7 +142,8 @@ def test_a_notified_reboot_in_the_window_is_confirmed_after_boot(tmp_path, bed):
         fleet.commit("needs a reboot", push=True, files={
             "roles/base.yaml": "files: {/etc/motd: {content: \"v1\\n\"}, "
                                "/etc/kernel-args: {content: \"quiet\\n\", notify: [reboot]}}\n"
-                               "checks: {motd: {command: [/usr/bin/test, -s, /etc/kernel-args]}}\n"})
+                               "checks: {args: {command: [/usr/bin/test, -s, "
+                               "/etc/kernel-args]}}\n"})
         new = fleet.head()
         p = bed.run("gitops-agent", "apply", "--json", check=False, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
