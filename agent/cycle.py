@@ -590,7 +590,8 @@ class _Cycle:
                            last_good_committer_time=head.get("commit_time"),
                            last_good_plan=head.get("plan"),
                            checks=[c for c in checks if not c.get("no_restart")])
-            self.mirror.set_ref(LAST_GOOD_REF, commit)
+            if self.mirror.has_commit(commit):  # (a mirror rebuilt since fetches it again)
+                self.mirror.set_ref(LAST_GOOD_REF, commit)
             self.state.save_state(self.st)
             self.state.clear_journal()
             self.last_good = result.last_good = commit

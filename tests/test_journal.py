@@ -191,3 +191,36 @@ def test_kill_9_during_the_trial_rolls_back_on_restart(bulk_env, tmp_path):
     state = json.loads((bulk_env["state"] / "state.json").read_text())
     assert state["last_good"] == last_good
     assert not (bulk_env["state"] / "quarantine.json").exists()
+
+
+def test_a_pending_reboot_is_issued_once_and_confirmed_on_a_new_boot(bulk_env):
+    """The journal's reboot phase, as a cycle that asked for a reboot leaves it: on the
+    same boot an issued reboot is never issued again (the cycle waits for it); on a new
+    boot the revision is confirmed and becomes last good."""
+    from agent.host import Host
+    from agent.state import StateDir
+
+    cfg, fleet = bulk_env["cfg"], bulk_env["fleet"]
+    agent("apply", "--config", str(cfg), check=0)
+    state = StateDir(str(bulk_env["state"]))
+    before = state.load_state()["last_good"]
+    fleet.commit("needs a reboot", files=bulk("new", 10), push=True)
+    new = fleet.head()
+    agent("apply", "--config", str(cfg), "--dry-run", check=None)  # fetched, as it was
+    manifest = state.load_manifest()
+    head = {"commit": new, "last_good": before, "plan": "p" * 64, "phase": "reboot",
+            "records": [], "boot": Host.boot_id(), "issued": True, "checks": [],
+            "health": {}, "manifest": manifest["resources"], "key": None,
+            "host": "web-01", "signer": None, "commit_time": 0, "policy": {},
+            "why": ["file[/x]"]}
+    state.save_journal(head)
+    result, _ = run_cycle(load_file(str(cfg)))
+    assert result.state == "rebooting" and "requested" in result.waiting
+    assert state.load_state()["last_good"] == before  # not promoted, not rolled back
+    assert state.load_journal()[0]["issued"] is True
+    # the machine came back: a new boot id
+    state.save_journal({**head, "boot": "another-boot:1"})
+    result, _ = run_cycle(load_file(str(cfg)), fetch=False)
+    assert result.rebooted == new and any("rebooted for" in w for w in result.warnings)
+    assert state.load_state()["last_good"] == new
+    assert state.load_journal()[0] is None
