@@ -16,6 +16,7 @@ from typing import Any
 from .config import host_name_problem
 from .errors import UsageError
 from .source import open_repo
+from .transport import sftp_options
 
 
 def load_report(path: str) -> tuple[dict[str, Any] | None, str]:
@@ -65,11 +66,7 @@ def drop_reports(sftp: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
 async def _drop_reports(sftp_cfg: Any, timeout: float) -> list[dict[str, Any]]:
     import asyncssh
 
-    options = {"username": sftp_cfg.user, "port": sftp_cfg.port,
-               "known_hosts": (sftp_cfg.known_hosts if sftp_cfg.known_hosts
-                               else asyncssh.import_known_hosts("")),
-               "client_keys": [sftp_cfg.key] if sftp_cfg.key else None,
-               "config": None, "agent_path": None, "connect_timeout": timeout}
+    options = sftp_options(sftp_cfg, timeout)
     out = []
     d = sftp_cfg.dir.rstrip("/")
     async with asyncssh.connect(sftp_cfg.host, **options) as conn, \

@@ -19,6 +19,7 @@ from .cycle import CycleResult, host_identity
 from .errors import AgentError
 from .host import write_atomic
 from .state import StateDir
+from .transport import sftp_options
 
 log = logging.getLogger("agent.report")
 
@@ -181,14 +182,7 @@ async def flush_sftp(cfg: Config, host: str, timeout: float = 20.0) -> int:
     pending = queue.pending()
     if not pending:
         return 0
-    # no pinned known_hosts means no trusted host key at all: refuse, never trust on use.
-    # asyncssh reads ~/.ssh/known_hosts for (), checks nothing for None, and reads the
-    # user's ~/.ssh/config unless told not to: none of that, ever.
-    options = {"username": sftp_cfg.user, "port": sftp_cfg.port,
-               "known_hosts": (sftp_cfg.known_hosts if sftp_cfg.known_hosts
-                               else asyncssh.import_known_hosts("")),
-               "client_keys": [sftp_cfg.key] if sftp_cfg.key else None,
-               "config": None, "agent_path": None, "connect_timeout": timeout}
+    options = sftp_options(sftp_cfg, timeout)
     sent = 0
     async with asyncssh.connect(sftp_cfg.host, **options) as conn, \
             conn.start_sftp_client() as sftp:

@@ -4,7 +4,8 @@ Owns: the pygit2 RemoteCallbacks of a remote fetch. ssh://: the deploy key from
 `source.ssh_key`; host keys pinned by `source.known_hosts` only (libgit2 checks the
 offered key against a private copy of that file, never ~/.ssh): an unknown or changed
 host key is refused, and the message shows the key the server offered. https://: a
-token or `user:password` from `source.token_file`, and `source.ca_bundle`.
+token or `user:password` from `source.token_file`, and `source.ca_bundle`. Also the
+asyncssh options of the SFTP report drop (written by report.py, read by fleet.py).
 Must not: log or return a credential; error messages carry URLs through redact().
 """
 
@@ -41,6 +42,20 @@ def _pin_known_hosts(path: str | None) -> None:
     else:
         open(target, "w").close()
     pygit2.settings.homedir = _pinned_home
+
+
+def sftp_options(sftp_cfg: Any, timeout: float) -> dict[str, Any]:
+    """asyncssh.connect() options for the report drop. No pinned known_hosts means no
+    trusted host key at all: refuse, never trust on use. asyncssh reads
+    ~/.ssh/known_hosts for (), checks nothing for None, and reads the user's
+    ~/.ssh/config unless told not to: none of that, ever."""
+    import asyncssh
+
+    return {"username": sftp_cfg.user, "port": sftp_cfg.port,
+            "known_hosts": (sftp_cfg.known_hosts if sftp_cfg.known_hosts
+                            else asyncssh.import_known_hosts("")),
+            "client_keys": [sftp_cfg.key] if sftp_cfg.key else None,
+            "config": None, "agent_path": None, "connect_timeout": timeout}
 
 
 def offered_fingerprint(host: str, port: int) -> str:
