@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, rollout, trust
+from . import __version__, trust
 from . import facts as facts_mod
 from .config import Config, host_name_problem
 from .converge import Converger, Plan, clean, plan_digest
@@ -252,8 +252,7 @@ class _Cycle:
             # a drift cycle between fetches: still say so when the fetched tip is held
             fetched = self.mirror.ref(FETCHED_REF) if self.last_good else None
             if fetched and fetched != self.last_good:
-                bad = next((q for q in self.state.load_quarantine()
-                            if q["commit"] == fetched), None)
+                bad = self._quarantined("commit", fetched)
                 if bad is not None:
                     self.target = fetched
                     self._hold(bad)
@@ -322,8 +321,7 @@ class _Cycle:
             raise _Done from None
         self.name, self.labels = host_identity(self.cfg)
         if self.target != self.last_good:  # a known bad tip: no need to render it again
-            bad = next((q for q in self.state.load_quarantine() if q["commit"] == self.target),
-                       None)
+            bad = self._quarantined("commit", self.target)
             if bad is not None:
                 self._hold(bad)
         self.facts = facts_mod.gather()
@@ -344,6 +342,8 @@ class _Cycle:
         """A new plan waits for this host's wave, its window, or a fleet-wide pause, all
         from the signed commit. A plan equal to last good's, and a host without last good,
         go at once. Returns True when the host stays on last good."""
+        from . import rollout  # here: a no-op cycle never decides (datetime, zoneinfo)
+
         assert self.desired is not None
         policy = self.desired.rollout
         result = self.result
@@ -420,7 +420,7 @@ class _Cycle:
             if self.target == self.last_good:
                 return
             digest = plan_digest(self.desired)
-            bad = next((q for q in self.state.load_quarantine() if q["plan"] == digest), None)
+            bad = self._quarantined("plan", digest)
             if bad is None:
                 if not self._rollout_holds(digest):
                     return
@@ -553,6 +553,8 @@ class _Cycle:
             result.state, result.waiting = "rebooting", (
                 f"rebooting for {commit[:12]}: requested, waiting for the system to go down")
             return
+        from . import rollout
+
         decision = rollout.may_reboot(head.get("policy") or {}, self.clock())
         if not decision.go:
             result.state = "waiting"
@@ -609,18 +611,31 @@ class _Cycle:
                               f"{': ' + failing.output if failing else ''}; the old "
                               f"configuration may need a reboot to take full effect")
         result.errors.append(result.rolled_back)
-        q = self.state.load_quarantine()
-        q.append({"commit": commit, "plan": head.get("plan") or "", "at": time.time(),
-                  "check": failing.name if failing else "",
-                  "output": failing.output if failing else "", "host": head.get("host"),
-                  "rolled_back_to": head.get("last_good")})
-        self.state.save_quarantine(q[-100:])
-        self.st["rollbacks"] = int(self.st.get("rollbacks") or 0) + 1
-        result.quarantined = commit
+        self._quarantine(commit, head.get("plan") or "", failing, head.get("host"),
+                         head.get("last_good"))
         self._invalidate_manifest()
         self.state.clear_journal()
         result.state = "rolled-back"
         raise _Done
+
+    def _quarantined(self, key: str, value: str) -> dict[str, Any] | None:
+        """The quarantine entry whose `commit` or `plan` is value."""
+        return next((q for q in self.state.load_quarantine() if q[key] == value), None)
+
+    def _quarantine(self, commit: str, plan: str, failing: Any, host: Any,
+                    back_to: Any) -> None:
+        """A rolled-back commit is not tried again here, nor any with the same plan."""
+        q = [x for x in self.state.load_quarantine() if x["plan"] != plan]
+        q.append({"commit": commit, "plan": plan, "at": time.time(),
+                  "check": failing.name if failing else "",
+                  "output": failing.output if failing else "", "host": host,
+                  "rolled_back_to": back_to})
+        try:
+            self.state.save_quarantine(q[-100:])
+        except AgentError as e:
+            self.result.errors.append(str(e))
+        self.result.quarantined = commit
+        self.st["rollbacks"] = int(self.st.get("rollbacks") or 0) + 1
 
     def _save_manifest(self, resources: dict[str, Any], complete: bool) -> None:
         checked_at = self.now if self.full_check else self.manifest.get("full_check_at",
@@ -679,17 +694,7 @@ class _Cycle:
         after = health.trial(again, {**self.desired.health, "window": 0.0}, health.Runner(
             fetch=self._probe_source), self.should_stop) if again else health.Trial(True)
         result.after_rollback = after.to_json()
-        q = [x for x in self.state.load_quarantine() if x["plan"] != digest]
-        q.append({"commit": self.target, "plan": digest, "at": time.time(),
-                  "check": failing.name if failing else "", "output":
-                  failing.output if failing else "", "host": self.name,
-                  "rolled_back_to": self.last_good})
-        try:
-            self.state.save_quarantine(q[-100:])
-        except AgentError as e:
-            result.errors.append(str(e))
-        result.quarantined = self.target
-        self.st["rollbacks"] = int(self.st.get("rollbacks") or 0) + 1
+        self._quarantine(self.target, digest, failing, self.name, self.last_good)
         if after.ok:
             self.st.pop("degraded", None)
             result.state = "rolled-back"
