@@ -259,8 +259,20 @@ class Decision:
     reason: str = ""
     opens_at: float | None = None  # when to look again
 
-    def to_json(self) -> dict[str, Any]:
-        return {"go": self.go, "reason": self.reason, "opens_at": self.opens_at}
+
+def _utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _windows(policy: dict[str, Any], now: float, what: str) -> Decision:
+    """Inside the host's windows (fleet-wide and its groups', both when both exist), or
+    when the next common one starts."""
+    lists = [w for w in (policy.get("windows"), policy.get("group_windows")) if w]
+    if not lists or all(in_window(ws, now) for ws in lists):
+        return Decision(True)
+    nxt = _next_common(lists, now)
+    return Decision(False, "waiting", f"{what} the maintenance window; next: "
+                    f"{_utc(nxt) if nxt else 'not within 15 days'}", nxt)
 
 
 def decide(policy: dict[str, Any], commit_time: float, now: float) -> Decision:
@@ -269,29 +281,17 @@ def decide(policy: dict[str, Any], commit_time: float, now: float) -> Decision:
         return Decision(False, "waiting", f"fleet paused in fleet.yaml: {policy['pause']}")
     opens = commit_time + policy.get("after", 0.0)
     if "wave" in policy and now < opens:
-        when = dt.datetime.fromtimestamp(opens, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         return Decision(False, "waiting", f"wave {policy['wave']} (bucket {policy['bucket']}) "
-                        f"opens at {when}", opens)
-    lists = [w for w in (policy.get("windows"), policy.get("group_windows")) if w]
-    if lists and not all(in_window(ws, now) for ws in lists):
-        nxt = _next_common(lists, now)
-        when = (dt.datetime.fromtimestamp(nxt, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-                if nxt else "not within 15 days")
-        return Decision(False, "waiting", f"outside the maintenance window; next: {when}", nxt)
-    return Decision(True)
+                        f"opens at {_utc(opens)}", opens)
+    return _windows(policy, now, "outside")
 
 
 def may_reboot(policy: dict[str, Any], now: float) -> Decision:
     """A reboot a change asked for: at once (`reboot: {when: now}`, or no window
     declared), else inside the host's windows."""
-    lists = [w for w in (policy.get("windows"), policy.get("group_windows")) if w]
-    if policy.get("reboot") == "now" or not lists or all(in_window(ws, now) for ws in lists):
+    if policy.get("reboot") == "now":
         return Decision(True)
-    nxt = _next_common(lists, now)
-    when = (dt.datetime.fromtimestamp(nxt, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-            if nxt else "not within 15 days")
-    return Decision(False, "waiting", f"the reboot waits for the maintenance window; next: "
-                    f"{when}", nxt)
+    return _windows(policy, now, "the reboot waits for")
 
 
 def _next_common(lists: list[list[dict[str, Any]]], now: float) -> float | None:
