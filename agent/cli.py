@@ -148,6 +148,13 @@ def cmd_apply(args: argparse.Namespace, plan_only: bool = False) -> int:
                                  "rebooting") else 1
 
 
+def _check_line(c: dict[str, Any]) -> str:
+    """One check result: its mark, name and the last line of its output."""
+    mark = "ok  " if c["ok"] else ("FAIL" if c["required"] else "warn")
+    last = c["output"].splitlines()[-1] if c.get("output") else ""
+    return f"{mark} {c['name']}: {last}"
+
+
 def _human_cycle(result: Any, dry: bool) -> str:
     out = []
     for w in result.warnings:
@@ -168,9 +175,7 @@ def _human_cycle(result: Any, dry: bool) -> str:
             out.append("".join(f"    {line}\n" for line in c.diff.rstrip("\n").split("\n")))
     if trial:
         for ch in trial.get("checks", []):
-            mark = "ok  " if ch["ok"] else ("FAIL" if ch["required"] else "warn")
-            last = ch["output"].splitlines()[-1] if ch["output"] else ""
-            out.append(f"check {mark} {ch['name']}: {last}\n")
+            out.append(f"check {_check_line(ch)}\n")
         out.append(f"trial {'passed' if trial['ok'] else 'FAILED'} after "
                    f"{trial['seconds']:.1f}s\n")
     for e in result.errors:
@@ -449,9 +454,7 @@ def human_status(s: dict) -> str:
                      f"fails after the rollback of {str(d.get('commit'))[:12]}: "
                      f"{d.get('output')}")
     for c in s.get("checks") or []:
-        mark = "ok  " if c["ok"] else ("FAIL" if c["required"] else "warn")
-        last = c["output"].splitlines()[-1] if c.get("output") else ""
-        lines.append(f"check:       {mark} {c['name']}: {last}")
+        lines.append(f"check:       {_check_line(c)}")
     for q in s.get("quarantine") or []:
         lines.append(f"quarantined: {str(q.get('commit'))[:12]} (check {q.get('check')})")
     if s.get("recovered"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -147,15 +147,9 @@ class Converger:
         files they own, unit files and daemon-reload before services), each kind's own
         records newest first. Every kind is asked, so restarts are redone too."""
         results: list[Change] = []
-        dirs = set()
-        for r in records:  # temp files of a write that was killed half-way go first
-            kind = KINDS.get(str(r.get("kind")))
-            path = kind.path(str(r.get("name"))) if kind is not None and kind.by_path else None
-            if path:
-                dirs.add(os.path.dirname(path))
-        self._clean_dirs(dirs)
-        kinds = sorted({k.name: k for k in KINDS.values()}.values(), key=lambda k: k.stage)
-        for kind in kinds:
+        # temp files of a write that was killed half-way go first
+        self._clean_dirs((str(r.get("kind")), str(r.get("name"))) for r in records)
+        for kind in sorted(KINDS.values(), key=lambda k: k.stage):
             mine = [r for r in records if r.get("kind") == kind.name]
             unsaved = [r for r in mine if r.get("prior") is None]
             for r in unsaved:
@@ -171,7 +165,7 @@ class Converger:
         return results
 
     def converge(self, plan: Plan, should_stop: Callable[[], bool] = lambda: False,
-                 mark: Callable[[Change], None] = lambda c: None
+                 mark: Callable[[Change, list[int] | None], None] = lambda c, sig: None
                  ) -> tuple[list[Change], dict[str, Any]]:
         """Apply the planned steps in order; return the Changes and the new manifest.
         `mark` hears of every change made, right after the agent made it (the journal)."""
@@ -231,9 +225,7 @@ class Converger:
                     # the signature of the agent's own write, taken now: an edit later
                     # in this cycle is drift, not ours (a directory's own comes last)
                     entry["sig"] = signature(self.host.join(entry["path"]))
-                    change.data["sig"] = entry["sig"]
-                mark(change)
-                change.data.pop("sig", None)
+                mark(change, (entry or {}).get("sig"))
         for kind in KINDS.values():
             for c in kind.finish(self.env):
                 results.append(c)
@@ -243,7 +235,7 @@ class Converger:
                 results.append(c)
                 _log(c, plan.commit)
                 if c.changed:
-                    mark(c)
+                    mark(c, None)
         # The other signatures last: writing a file bumps its directory's mtime, so a
         # directory's signature taken before its files were written would never match.
         for entry in manifest.values():
@@ -265,19 +257,20 @@ class Converger:
     def _clean_tmp(self, plan: Plan) -> None:
         """Temp files of a killed agent (kill -9 between write and rename) in managed
         directories are removed before anything else is written there."""
+        self._clean_dirs((s.resource.kind, s.resource.name) for s in plan.steps
+                         if s.resource is not None)
+
+    def _clean_dirs(self, resources: Iterable[tuple[str, str]]) -> None:
+        """The stale temp files in the directories of these (kind, name) path resources."""
         dirs = set()
-        for step in plan.steps:
-            res = step.resource
-            kind = KINDS.get(res.kind) if res is not None else None
-            path = kind.path(res.name) if kind is not None and res is not None else None
+        for kind_name, name in resources:
+            kind = KINDS.get(kind_name)
+            path = kind.path(name) if kind is not None else None
             if path:
                 dirs.add(os.path.dirname(path))
-        self._clean_dirs(dirs)
-
-    def _clean_dirs(self, dirs: set[str]) -> None:
         for d in sorted(dirs):
-            for name in self.host.clean_stale_tmp(d):
-                log.info("converge: removed %s, left by an interrupted agent", name,
+            for tmp in self.host.clean_stale_tmp(d):
+                log.info("converge: removed %s, left by an interrupted agent", tmp,
                          extra={"STAGE": "converge"})
 
 

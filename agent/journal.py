@@ -40,14 +40,16 @@ class Journal:
                      "phase": "applying", "started": time.time(), "records": records}
         self.state.save_journal(self.head)
 
-    def mark(self, change: Change) -> None:
-        """A change the agent just made (the data a rollback needs: what was restarted)."""
+    def mark(self, change: Change, sig: list[int] | None = None) -> None:
+        """A change the agent just made, with the stat signature of its own write (and
+        what a rollback needs: what was restarted)."""
         if self.head is None:
             return
         entry: dict[str, Any] = {"id": change.id, "action": change.action, "t": time.time()}
-        for key in ("notified", "sig"):
-            if key in change.data:
-                entry[key] = change.data[key]
+        if sig is not None:
+            entry["sig"] = sig
+        if "notified" in change.data:
+            entry["notified"] = change.data["notified"]
         self.state.journal_mark(entry)
 
     def phase(self, phase: str, **extra: Any) -> None:
