@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import agent_argv, git
+
 BARE = r'''
 import hashlib, os, sys, pygit2
 repo = pygit2.Repository(sys.argv[1]); root = sys.argv[2]
@@ -53,11 +55,6 @@ def run(argv: list[str], env: dict | None = None) -> tuple[float, float]:
             errf.seek(0)
             sys.exit(f"{argv} failed: {errf.read().decode()}")
     return wall, usage.ru_maxrss / 1024
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", *args], cwd=cwd,
-                   check=True, capture_output=True)
 
 
 def main() -> None:
@@ -112,10 +109,7 @@ def main() -> None:
 
         subprocess.run([sys.executable, "-m", "compileall", "-q",
                         os.path.dirname(agent_pkg.__file__)], check=True)
-        agent = [sys.executable, "-m", "agent.cli", "apply", "--config", str(cfg)]
-        exe = shutil.which("gitops-agent", path=os.path.dirname(sys.executable))
-        if exe:
-            agent = [exe, "apply", "--config", str(cfg)]
+        agent = agent_argv("apply", "--config", str(cfg))
 
         def report(name: str, samples: list[tuple[float, float]]) -> None:
             walls = [s[0] for s in samples]

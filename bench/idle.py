@@ -9,7 +9,6 @@ correction by the drift watcher.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import socket
@@ -21,11 +20,7 @@ import time
 from pathlib import Path
 
 import psutil
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", *args], cwd=cwd,
-                   check=True, capture_output=True)
+from benchlib import agent_argv, git
 
 
 def free_port() -> int:
@@ -71,8 +66,7 @@ def main() -> None:
                        f"host: {{name: idle-01}}\ntrust: {{unsigned: allow}}\n"
                        f"root: {root}\nstate_dir: {tmp / 'state'}\n"
                        f"socket: {tmp / 'agent.sock'}\ninterval: 5s\njitter: 0s\n")
-        exe = shutil.which("gitops-agent", path=os.path.dirname(sys.executable))
-        argv = [exe, "run"] if exe else [sys.executable, "-m", "agent.cli", "run"]
+        argv = agent_argv("run")
         log = open(tmp / "agent.log", "wb")  # noqa: SIM115 - lives as long as the daemon
         agent = subprocess.Popen([*argv, "--config", str(cfg)], stdout=log, stderr=log)
         procs.append(agent)

@@ -24,10 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", *args], cwd=cwd,
-                   check=True, capture_output=True)
+from benchlib import agent_argv, git
 
 
 def main() -> None:
@@ -64,10 +61,7 @@ def main() -> None:
         cfg.write_text(f"source: {{url: {bare}, branch: main}}\nhost: {{name: bench-01}}\n"
                        f"trust: {{unsigned: allow}}\nroot: {root}\n"
                        f"state_dir: {tmp / 'state'}\n")
-        agent = [sys.executable, "-m", "agent.cli", "apply", "--config", str(cfg)]
-        exe = shutil.which("gitops-agent", path=os.path.dirname(sys.executable))
-        if exe:
-            agent = [exe, "apply", "--config", str(cfg)]
+        agent = agent_argv("apply", "--config", str(cfg))
 
         def push(version: str, check: str) -> None:
             role(version, check)
