@@ -118,6 +118,14 @@ def agent(*args: str, check: int | None = None, env: dict | None = None
     return p
 
 
+def refused_with_fleet_head(env: dict, head: str) -> subprocess.CompletedProcess:
+    """Put `head` at the top of fleet.yaml, push it, and apply: the cycle must fail."""
+    fleet: Fleet = env["fleet"]
+    fleet.commit(files={"fleet.yaml": head + (fleet.work / "fleet.yaml").read_text()},
+                 push=True)
+    return agent("apply", "--config", str(env["cfg"]), check=1)
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under root with its type, mode, owner, mtime and content hash."""
     out = {}

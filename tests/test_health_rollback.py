@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Fleet, agent, free_port
+from conftest import Fleet, agent, free_port, refused_with_fleet_head
 
 # a short trial keeps the tests fast; the window must still be held, once
 FAST = "health: {window: 1s, timeout: 4s, interval: 0.2s}\n"
@@ -199,8 +199,5 @@ def test_bad_check_declarations_are_errors_with_file_and_line(env, check, words)
     ("health: {grace: 1m}\n", "unknown key 'grace'"),
 ])
 def test_bad_health_settings_are_errors(env, health, words):
-    fleet: Fleet = env["fleet"]
-    fleet.commit(files={"fleet.yaml": health + (fleet.work / "fleet.yaml").read_text()},
-                 push=True)
-    p = agent("apply", "--config", str(env["cfg"]), check=1)
+    p = refused_with_fleet_head(env, health)
     assert words in p.stderr + p.stdout, p.stderr

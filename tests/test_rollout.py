@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from conftest import Fleet, agent, git
+from conftest import Fleet, agent, git, refused_with_fleet_head
 
 from agent import rollout
 from agent.config import load_file
@@ -146,10 +146,7 @@ def test_pause_in_fleet_yaml_holds_everyone():
     ("pause: yes\n", "pause must be {reason"),
 ])
 def test_bad_rollout_windows_and_pause_are_errors_with_file_and_line(env, text, words):
-    fleet: Fleet = env["fleet"]
-    fleet.commit(files={"fleet.yaml": text + (fleet.work / "fleet.yaml").read_text()},
-                 push=True)
-    p = agent("apply", "--config", str(env["cfg"]), check=1)
+    p = refused_with_fleet_head(env, text)
     assert words in p.stderr, p.stderr
     assert "fleet.yaml:" in p.stderr
 
@@ -350,8 +347,5 @@ def test_notify_reboot_under_a_sandbox_root_is_skipped_and_said(env):
 
 
 def test_bad_reboot_policy_is_an_error(env):
-    fleet: Fleet = env["fleet"]
-    fleet.commit(files={"fleet.yaml": "reboot: {when: later}\n"
-                        + (fleet.work / "fleet.yaml").read_text()}, push=True)
-    p = agent("apply", "--config", str(env["cfg"]), check=1)
+    p = refused_with_fleet_head(env, "reboot: {when: later}\n")
     assert "reboot must be {when: window}" in p.stderr and "fleet.yaml:1" in p.stderr
