@@ -153,8 +153,8 @@ def checks_of(resources: list[Any], implicit_units: list[str]) -> list[dict[str,
     explicit = [{"name": r.name, **r.spec} for r in resources if r.kind == "check"]
     names = {c["name"] for c in explicit}
     # the services first: a dead service is the cause, its failing HTTP check the symptom
-    return [implicit(u) for u in dict.fromkeys(implicit_units)
-            if implicit(u)["name"] not in names] + explicit
+    services = [implicit(u) for u in dict.fromkeys(implicit_units)]
+    return [c for c in services if c["name"] not in names] + explicit
 
 
 def run_once(checks: list[dict[str, Any]], runner: Runner) -> list[CheckResult]:
