@@ -385,10 +385,15 @@ class StateDir:
         self._write_json("journal.json", data, compact=True)
 
     def start_journal_log(self) -> None:
+        """No done marks yet: a log left by an older journal goes (the first mark creates
+        the new one; the marks are not fsynced one by one, so neither is the empty file)."""
         if self._journal_fd is not None:  # never append to a replaced file
             os.close(self._journal_fd)
             self._journal_fd = None
-        self._write("journal.log", b"")
+        try:
+            os.unlink(self.p("journal.log"))
+        except FileNotFoundError:
+            pass
 
     def journal_mark(self, entry: dict[str, Any]) -> None:
         """Append one done mark. Not fsynced per line: a lost mark only means a resource
