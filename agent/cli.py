@@ -70,6 +70,28 @@ def _parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("pause", parents=[common], help="stop converging (persisted)")
     pa.add_argument("--reason", default="")
     sub.add_parser("resume", parents=[common], help="converge again after pause")
+    ident = argparse.ArgumentParser(add_help=False)
+    ident.add_argument("--identity", help="the host's age identity file (default: "
+                                          "secrets.identity of agent.yaml)")
+    kg = sub.add_parser("keygen", parents=[common, ident],
+                        help="create this host's age identity; print its recipient")
+    kg.add_argument("--force", action="store_true",
+                    help="replace an existing identity (its secrets no longer open)")
+    sub.add_parser("recipient", parents=[common, ident],
+                   help="print this host's age recipient (for encrypting its secrets)")
+    se = sub.add_parser("secrets", parents=[common], help="operators' side of secrets")
+    ses = se.add_subparsers(dest="secrets_verb", required=True, parser_class=_Parser)
+    sr = ses.add_parser("recipients", parents=[common],
+                        help="the secrets one host needs, and who they are encrypted to")
+    sr.add_argument("--repo", required=True)
+    sr.add_argument("--rev", default="HEAD")
+    sr.add_argument("--host", required=True)
+    sr.add_argument("--label", action="append", default=[], metavar="K=V")
+    sc = ses.add_parser("check", parents=[common],
+                        help="which secrets are not encrypted to every host that uses them "
+                             "(fleet.yaml recipients:); exit 1 when one certainly is not")
+    sc.add_argument("--repo", required=True)
+    sc.add_argument("--rev", default="HEAD")
     f = sub.add_parser("fleet", parents=[common], help="fleet views")
     fs = f.add_subparsers(dest="fleet_verb", required=True, parser_class=_Parser)
     st = fs.add_parser("status", parents=[common], help="aggregate the fleet's reports")
@@ -201,12 +223,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .render import render
     from .source import open_repo
 
-    labels = {}
-    for kv in args.label:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise UsageError(f"render: --label takes K=V, got {kv!r}")
-        labels[k] = v
+    labels = _labels(args.label, "render")
     repo = open_repo(args.repo)
     commit = repo.resolve(args.rev)
     desired = render(repo.tree(commit, LimitsConfig()), args.host, labels,
@@ -218,7 +235,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         spec = {k: v for k, v in res.spec.items() if v is not None}
         if spec:
             lines.append(f"    {json.dumps(spec, sort_keys=True)}\n")
-        if res.content is not None:
+        if res.error:
+            lines.append(f"    HELD: {res.error}\n")
+        if res.secrets:
+            lines.append(f"    (secret content from {', '.join(res.secrets)}: not shown)\n")
+        elif res.content is not None:
             try:
                 text = res.content.decode()
                 lines.append("".join(f"    | {line}\n" for line in text.splitlines()))
@@ -226,6 +247,64 @@ def cmd_render(args: argparse.Namespace) -> int:
                 lines.append(f"    ({len(res.content)} bytes of binary content)\n")
     _print(data, args.json, "".join(lines))
     return 0
+
+
+def _labels(pairs: list[str], verb: str) -> dict[str, str]:
+    labels = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise UsageError(f"{verb}: --label takes K=V, got {kv!r}")
+        labels[k] = v
+    return labels
+
+
+def _identity_path(args: argparse.Namespace) -> str:
+    """--identity, else secrets.identity of agent.yaml when there is one, else default."""
+    from .config import ConfigError, SecretsConfig, load_file
+
+    if args.identity:
+        return str(args.identity)
+    try:
+        return load_file(args.config).secrets.identity
+    except ConfigError:
+        if os.path.exists(args.config):
+            raise
+        return SecretsConfig().identity
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .secrets import keygen
+
+    path = _identity_path(args)
+    recipient = keygen(path, force=args.force)
+    _print({"identity": path, "recipient": recipient}, args.json, f"{recipient}\n")
+    print(f"gitops-agent: wrote {path} (0600); encrypt this host's secrets to the "
+          f"recipient above", file=sys.stderr)
+    return 0
+
+
+def cmd_recipient(args: argparse.Namespace) -> int:
+    from .secrets import Keyring
+
+    path = _identity_path(args)
+    keyring = Keyring(path)
+    _print({"identity": path, "recipient": keyring.recipient}, args.json,
+           f"{keyring.recipient}\n")
+    return 0
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from . import secret_audit
+
+    if args.secrets_verb == "recipients":
+        needs = secret_audit.needs(args.repo, args.rev, args.host,
+                                   _labels(args.label, "secrets recipients"))
+        _print(needs, args.json, secret_audit.human_needs(args.host, needs))
+        return 0
+    report = secret_audit.check(args.repo, args.rev)
+    _print(report, args.json, secret_audit.human_check(report))
+    return 1 if report["missing"] else 0
 
 
 def human_history(entries: list[dict]) -> str:
@@ -530,6 +609,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_quarantine(args)
         if verb == "fleet":
             return cmd_fleet(args)
+        if verb == "keygen":
+            return cmd_keygen(args)
+        if verb == "recipient":
+            return cmd_recipient(args)
+        if verb == "secrets":
+            return cmd_secrets(args)
         return cmd_control(args)
     except AgentError as e:
         print(f"gitops-agent: {e}", file=sys.stderr)

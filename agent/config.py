@@ -97,6 +97,13 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SecretsConfig:
+    # the host's age identity: an age key file (gitops-agent keygen) or an unencrypted
+    # OpenSSH ed25519/RSA private key such as /etc/ssh/ssh_host_ed25519_key
+    identity: str = "/etc/gitops-agent/age.key"
+
+
+@dataclass(frozen=True)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
@@ -111,6 +118,7 @@ class Config:
     package_backend: str = "auto"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
     path: str = ""
 
 
@@ -147,6 +155,7 @@ _SCHEMA: dict[str, Any] = {
         }),
         "metrics_textfile": (_PATH,), "heartbeat": (_DUR,),
     }),
+    "secrets": ("section", SecretsConfig, {"identity": (_PATH,)}),
 }
 
 

@@ -69,11 +69,13 @@ class Plan:
 
 class Converger:
     def __init__(self, host: Host, state: StateDir, manifest: dict[str, Any],
-                 full_check: bool = True, package_backend: str | None = None) -> None:
+                 full_check: bool = True, package_backend: str | None = None,
+                 keyring: Any = None) -> None:
         self.host = host
         self.old = manifest.get("resources", {})
         self.full_check = full_check
-        self.env = Env(host, state, self.old, full_check, package_backend)
+        self.env = Env(host, state, self.old, full_check, package_backend, keyring=keyring)
+        self.env.secret_ids = {i for i, e in self.old.items() if e.get("secret")}
 
     # --- plan --------------------------------------------------------------------------
 
@@ -92,6 +94,7 @@ class Converger:
         """Read-only: what converge would change now, with diffs."""
         plan = Plan(desired.commit)
         declared = desired.by_id()
+        self.env.secret_ids |= {r.identity for r in desired.resources if r.secret or r.secrets}
         ordered = order(desired.resources)
         by_kind: dict[str, list[Resource]] = {}
         for res in ordered:
@@ -100,6 +103,10 @@ class Converger:
                     for name, rs in by_kind.items()}
         for res in ordered:
             kind = KINDS[res.kind]
+            if res.error:  # held: its secret cannot be read here; left as it is
+                plan.steps.append(Step(Change(res.identity, failed=True, msg=res.error,
+                                              data={"held": True}), res, stage=kind.stage))
+                continue
             change = self._unchanged(res, kind) or _guard(
                 res.identity, lambda k=kind, r=res: k.check(r, observed[r.kind], self.env))
             plan.steps.append(Step(change, res, stage=kind.stage))

@@ -26,6 +26,7 @@ from .journal import Journal
 from .model import DesiredState
 from .resources import Change
 from .resources.base import REBOOT
+from .secrets import Keyring
 from .source import FETCHED_REF, LAST_GOOD_REF, Mirror
 from .state import StateDir
 
@@ -176,12 +177,13 @@ class _Cycle:
         self.desired: DesiredState | None = None
         self.on_phase: Callable[[str], None] = lambda phase: None
         self.clock: Callable[[], float] = time.time
+        self.keyring = Keyring(cfg.secrets.identity)  # read when a secret is first used
 
     def _converger(self, full_check: bool) -> Converger:
         cfg = self.cfg
         return Converger(self.host, self.state, self.manifest, full_check=full_check,
                          package_backend=None if cfg.package_backend == "auto"
-                         else cfg.package_backend)
+                         else cfg.package_backend, keyring=self.keyring)
 
     # --- an apply that did not finish is undone first --------------------------------------
 
@@ -394,7 +396,7 @@ class _Cycle:
         from .render import render
 
         return render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
-                      self.facts, self.state.template_cache(), self.should_stop)
+                      self.facts, self.state.template_cache(), self.should_stop, self.keyring)
 
     def _render_healing(self, commit: str) -> DesiredState:
         """Render; if the mirror turns out damaged, fetch it anew and render once more."""
@@ -476,7 +478,10 @@ class _Cycle:
         changes, new_resources = conv.converge(plan, self.should_stop, journal.mark)
         result.changes.extend(changes)
         result.processes = self.host.spawned
-        if not result.ok:
+        # held resources (a secret not encrypted to this host) fail on their own: the
+        # rest of the revision converges, is tried, and becomes last good without them
+        held = [c for c in changes if c.failed and c.data.get("held")]
+        if result.errors or result.failed > len(held):
             if journal.active and new_rev:
                 why = ("the agent is shutting down" if self.should_stop()
                        else f"{result.failed} resources failed to apply")
@@ -514,8 +519,8 @@ class _Cycle:
             if not trial.ok:
                 self._failed_trial(conv, journal, trial, digest, runner)
                 raise _Done
-        self._save_manifest(new_resources, complete=True)
-        if result.ok:
+        self._save_manifest(new_resources, complete=not held)
+        if not result.errors:
             if new_rev:
                 self.st["last_good"] = self.target
                 self.st["last_good_time"] = time.time()

@@ -29,6 +29,13 @@ class Resource:
     spec: dict[str, Any]
     origin: str
     content: bytes | None = None
+    # a secret content (secrets.py): its keyed fingerprint, shown instead of a diff, and
+    # the encrypted files it came from; the content itself is never shown or stored
+    secret: str = ""
+    secrets: tuple[str, ...] = ()
+    # why this resource cannot be converged here (a secret not encrypted to this host):
+    # the cycle leaves it as it is and converges the rest
+    error: str = ""
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     @cached_property
@@ -45,7 +52,9 @@ class Resource:
         if self._digest is None:
             h = hashlib.sha256(json.dumps([self.kind, self.name, self.spec], sort_keys=True,
                                           default=str).encode())
-            if self.content is not None:
+            if self.error or self.secret:  # never a plain hash of a secret
+                h.update(f"\0{self.error}\0{self.secret}".encode())
+            elif self.content is not None:
                 h.update(b"\0")
                 h.update(self.content)
             self._digest = h.hexdigest()
@@ -54,7 +63,12 @@ class Resource:
     def to_json(self, with_content: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.identity, "kind": self.kind, "name": self.name,
                                "origin": self.origin, "spec": self.spec}
-        if self.content is not None:
+        if self.error:
+            out["error"] = self.error
+        if self.secret or self.secrets:
+            out["secret"] = self.secret or True
+            out["secrets"] = list(self.secrets)
+        elif self.content is not None:
             out["sha256"] = hashlib.sha256(self.content).hexdigest()
             if with_content:
                 try:

@@ -24,6 +24,7 @@ from .facts import Facts
 from .model import DesiredState, Resource
 from .resources import KINDS, ROLE_KEYS
 from .resources.base import ParseCtx
+from .secrets import Keyring, Placeholders, SecretError, Source, check_recipients
 from .source import TreeReader
 from .yamlsrc import LineDict, YamlError, load
 
@@ -31,7 +32,8 @@ from .yamlsrc import LineDict, YamlError, load
 _ROLE_KEYS = {"vars", *ROLE_KEYS}
 _HOST_KEYS = _ROLE_KEYS | {"roles", "health"}
 _GROUP_KEYS = {"name", "hosts", "labels", "roles", "vars", "health", "windows"}
-_FLEET_KEYS = {"vars", "groups", "health", "rollout", "pause", "windows", "reboot"}
+_FLEET_KEYS = {"vars", "groups", "health", "rollout", "pause", "windows", "reboot",
+               "recipients"}
 # the trial after a new revision is applied (health.py): all required checks must hold
 # for `window`, within `timeout`, looked at every `interval`
 HEALTH_DEFAULTS = {"window": 60.0, "timeout": 180.0, "interval": 5.0}
@@ -66,7 +68,8 @@ class _TreeLoader:
 class Renderer:
     def __init__(self, tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
                  bytecode_cache: Any = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 keyring: Keyring | None = None) -> None:
         self.tree = tree
         self.host = host
         self.labels = labels
@@ -77,6 +80,12 @@ class Renderer:
         self._env: Any = None
         self.progress = progress or (lambda text: None)
         self._total = 0  # rendered bytes so far (limits.max_total_size)
+        # secrets (secrets.py): None as keyring renders placeholders (previews, listings)
+        self.secrets = Placeholders(tree.read) if keyring is None else Source(tree.read,
+                                                                              keyring)
+        self._used: list[str] = []  # the secret files the content being made has read
+        self._secret_of: dict[str, tuple[str, ...]] = {}  # identity -> secret files used
+        self._held: dict[str, str] = {}  # identity -> why its secret cannot be read here
 
     # --- loading ---------------------------------------------------------------------
 
@@ -128,6 +137,10 @@ class Renderer:
         fleet = self._yaml("fleet.yaml")
         assert fleet is not None
         self._keys(fleet, _FLEET_KEYS, "fleet.yaml")
+        try:
+            check_recipients(fleet)
+        except ValueError as e:
+            raise RenderError(f"render: {e}") from None
         fleet_vars = self._typed(fleet, "vars", dict, "fleet.yaml") or {}
         groups = self._typed(fleet, "groups", list, "fleet.yaml") or []
 
@@ -239,12 +252,35 @@ class Renderer:
         """Each kind parses its own key of a role or host file (files, packages, ...)."""
         out: list[Resource] = []
         ctx = ParseCtx(path, self._keys,
-                       lambda spec, key, ident: self._content(spec, key, ident, variables))
+                       lambda spec, key, ident: self._scoped(spec, key, ident, variables),
+                       lambda ident: ident in self._secret_of)
         for key, kind in ROLE_KEYS.items():
             mapping = self._typed(doc, key, dict, path)
             if mapping:
                 out.extend(kind.parse_key(mapping, ctx))
+        for res in out:
+            ident = res.identity
+            if ident in self._secret_of:
+                res.secrets = self._secret_of[ident]
+                if ident in self._held:
+                    res.error = self._held[ident]
+                elif res.content is not None:
+                    res.secret = self.secrets.fingerprint(res.content)
         return out
+
+    def _scoped(self, spec: LineDict, key: str, ident: str, variables: dict) -> bytes:
+        """A content; one whose secret cannot be read here holds that resource only (its
+        error goes with it, the rest of the revision renders)."""
+        self._used = []
+        try:
+            data = self._content(spec, key, ident, variables)
+        except SecretError as e:
+            self._held[ident] = str(e)
+            self._secret_of[ident] = tuple(dict.fromkeys(self._used)) or ("?",)
+            return b""
+        if self._used:
+            self._secret_of[ident] = tuple(dict.fromkeys(self._used))
+        return data
 
     def _content(self, spec: LineDict, key: str, ident: str, variables: dict) -> bytes:
         value = spec[key]
@@ -255,8 +291,13 @@ class Renderer:
             return self._bounded(value.encode(), ident, where)
         rel = value
         if rel.startswith("/") or ".." in rel.split("/") or "" in rel.split("/"):
-            raise RenderError(f"render: {ident}.{key} {value!r} escapes files/: it must be a "
-                              f"relative path under files/ ({where})")
+            under = "the repository" if key == "secret" else "files/"
+            raise RenderError(f"render: {ident}.{key} {value!r} escapes {under}: it must be a "
+                              f"relative path under {under} ({where})")
+        if key == "secret":  # a path from the top of the repository: secrets/db.pass.age
+            self._used.append(rel)
+            fmt = spec.get("format")
+            return self._bounded(self.secrets.file(rel, fmt, where), ident, where)
         path = f"files/{rel}"
         try:
             if key == "source":
@@ -291,9 +332,11 @@ class Renderer:
                 loader=_TreeLoader(self.tree).make(), undefined=jinja2.StrictUndefined,
                 keep_trailing_newline=True, autoescape=False, bytecode_cache=cache)
         context = {**variables, "host": {"name": self.host, "labels": dict(self.labels)},
-                   "facts": self.facts.as_dict()}
+                   "facts": self.facts.as_dict(), "secrets": _Secrets(self, where)}
         try:
             return self._env.get_template(rel).render(context)
+        except SecretError:
+            raise
         except jinja2.TemplateSyntaxError as e:
             raise RenderError(f"render: template syntax error in {e.filename or 'files/' + rel}:"
                               f"{e.lineno}: {e.message} (used by {ident} at {where})") from None
@@ -309,8 +352,27 @@ class Renderer:
                               f"{where})") from None
         except Exception as e:  # a template may raise anything (a filter on bad data)
             line = _template_line(e, f"files/{rel}")
+            # a message about a value may quote it: not when the value may be a secret
+            text = (f"{e}" if not self._used else
+                    "(message withheld: the template reads secrets)")
             raise RenderError(f"render: template files/{rel}{line} failed: "
-                              f"{type(e).__name__}: {e} (used by {ident} at {where})") from None
+                              f"{type(e).__name__}: {text} (used by {ident} at {where})"
+                              ) from None
+
+
+class _Secrets:
+    """`secrets.NAME.key` in a template: secrets/NAME.yaml.age (or NAME.sops.yaml),
+    decrypted when first read; the resource being rendered becomes a secret one."""
+
+    def __init__(self, renderer: Renderer, where: str) -> None:
+        self._renderer = renderer
+        self._where = where
+
+    def __getitem__(self, name: str) -> Any:
+        r = self._renderer
+        source = r.secrets
+        r._used.append(source.values_path(str(name), self._where))
+        return source.values(str(name), self._where)
 
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
@@ -336,7 +398,8 @@ def _template_line(e: BaseException, filename: str) -> str:
 
 
 def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
-           bytecode_cache: Any = None, should_stop: Any = None) -> DesiredState:
+           bytecode_cache: Any = None, should_stop: Any = None,
+           keyring: Keyring | None = None) -> DesiredState:
     """Render in a forked child bounded by limits.render_timeout and render_memory: a
     template that loops or grows for ever is a one-line RenderError, not a hung agent."""
     import jinja2.sandbox  # noqa: F401 - imported once here, not in every forked child
@@ -348,7 +411,8 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
         raise RenderError(f"render: {e}") from None
 
     def work(progress: Any) -> DesiredState:
-        return Renderer(tree, host, labels, facts, bytecode_cache, progress).render()
+        return Renderer(tree, host, labels, facts, bytecode_cache, progress,
+                        keyring).render()
 
     try:
         return isolate.run(work, timeout=limits.render_timeout, memory=limits.render_memory,

@@ -300,11 +300,14 @@ class StateDir:
     def _backup_name(self, target: str) -> str:
         return os.path.join("backup", hashlib.sha256(target.encode()).hexdigest() + ".json")
 
-    def save_backup(self, target: str, data: bytes, mode: int, uid: int, gid: int) -> str:
+    def save_backup(self, target: str, data: bytes, mode: int, uid: int, gid: int,
+                    sealed: bool = False) -> str:
+        """`sealed`: data is encrypted to the host's own recipient (a secret file's)."""
         name = self._backup_name(target)
         if not os.path.exists(self.p(name)):  # the first original is the one to restore
             self._write_json(name, {"path": target, "mode": mode, "uid": uid, "gid": gid,
-                                    "data": base64.b64encode(data).decode()})
+                                    "data": base64.b64encode(data).decode(),
+                                    **({"sealed": True} if sealed else {})})
         return name
 
     def load_backup(self, name: str) -> dict[str, Any]:

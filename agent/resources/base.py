@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RenderError
+from ..errors import ApplyError, RenderError
 from ..model import Change, Resource
 
 if TYPE_CHECKING:
@@ -39,7 +39,28 @@ class Env:
     # facts one kind leaves for another in this cycle ("a unit file changed, so systemd
     # must re-read them"), by a name both agree on; never a kind's name
     flags: dict[str, Any] = field(default_factory=dict)
+    # the host's age identity (secrets.Keyring): the agent's own copies of secret
+    # contents (prior contents in the journal, takeover backups) are sealed with it
+    keyring: Any = None
+    # the identities whose content is a secret, declared now or when last applied
+    secret_ids: set[str] = field(default_factory=set)
     _helpers: dict[str, Any] = field(default_factory=dict)
+
+    def seal(self, ident: str, data: bytes) -> tuple[bytes, bool]:
+        """(what to keep, sealed?): a secret's content is kept only encrypted to the
+        host's own recipient."""
+        if ident not in self.secret_ids:
+            return data, False
+        if self.keyring is None:
+            raise ApplyError(f"{ident}: no host identity to seal a copy of a secret with")
+        return self.keyring.seal(data), True
+
+    def unseal(self, data: bytes, sealed: bool) -> bytes:
+        if not sealed:
+            return data
+        if self.keyring is None:
+            raise ApplyError("a sealed copy of a secret needs the host identity to open")
+        return self.keyring.unseal(data)
 
     def helper(self, key: str, make: Callable[[], Any]) -> Any:
         """One helper object per cycle (a package backend, a systemctl runner)."""
@@ -52,10 +73,13 @@ class ParseCtx:
     """What a kind sees while render parses one role or host file."""
 
     def __init__(self, path: str, keys: Callable[..., None],
-                 content: Callable[[LineDict, str, str], bytes]) -> None:
+                 content: Callable[[LineDict, str, str], bytes],
+                 secret: Callable[[str], bool] = lambda ident: False) -> None:
         self.path = path  # roles/web.yaml
         self.keys = keys  # keys(mapping, allowed, what): unknown keys are errors
-        self.content = content  # content(spec, "content"|"template"|"source", ident)
+        # content(spec, "content"|"template"|"source"|"secret", ident)
+        self.content = content
+        self.secret = secret  # secret(ident): the content just made read a secret
 
 
 class Kind:

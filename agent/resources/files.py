@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from ..state import StateDir
 
 FILE_KINDS = ("file", "directory", "symlink")
-_FILE_KEYS = {"content", "template", "source", "type", "target", "mode", "owner", "group",
-              "state", "notify"}
+_FILE_KEYS = {"content", "template", "source", "secret", "format", "type", "target", "mode",
+              "owner", "group", "state", "notify"}
+_SOURCES = ("content", "template", "source", "secret")
 
 MAX_DIFF_BYTES = 256 * 1024
 
@@ -38,6 +39,10 @@ class Ctx:
     host: Host
     state: StateDir
     old: dict[str, Any]  # the previous manifest's entry for this resource, or {}
+    env: Env | None = None  # sealing of secret contents (journal, backups)
+
+    def secret(self, ident: str) -> bool:
+        return self.env is not None and ident in self.env.secret_ids
 
 
 def signature(full: str) -> list[int] | None:
@@ -133,8 +138,11 @@ def _takeover(res: Resource, st: os.stat_result | None, ctx: Ctx,
         return {"created": True}
     if stat.S_ISREG(st.st_mode):
         data = ctx.host.read(res.name)
+        sealed = False
+        if ctx.env is not None:
+            data, sealed = ctx.env.seal(res.identity, data)
         name = ctx.state.save_backup(res.name, data, stat.S_IMODE(st.st_mode), st.st_uid,
-                                     st.st_gid)
+                                     st.st_gid, sealed=sealed)
         return {"backup": name, "created": False}
     return {"created": False}
 
@@ -151,16 +159,20 @@ def _file(res: Resource, ctx: Ctx, dry: bool) -> Change:
     uid, gid, pending = _ids(res, host, st if regular else None, dry)
     old = host.read(res.name) if regular else b""
     change = Change(res.identity)
+    # a secret's content is never diffed: its keyed fingerprint says which one it is
+    diff = (lambda a, b, name: "") if res.secret else text_diff
     if not regular:
         what = "replace symlink with file" if st is not None else "create"
         change.changed, change.action = True, "create"
-        change.msg = f"{what} ({len(res.content)} bytes, mode {mode:04o})"
-        change.diff = text_diff(b"", res.content, res.name)
+        size = f"secret {res.secret}" if res.secret else f"{len(res.content)} bytes"
+        change.msg = f"{what} ({size}, mode {mode:04o})"
+        change.diff = diff(b"", res.content, res.name)
     elif old != res.content:
         change.changed, change.action = True, "update"
         meta = _meta_diff(st, mode, uid, gid, host)
-        change.msg = "content differs" + (f"; {', '.join(meta)}" if meta else "")
-        change.diff = text_diff(old, res.content, res.name)
+        what = f"secret changed ({res.secret})" if res.secret else "content differs"
+        change.msg = what + (f"; {', '.join(meta)}" if meta else "")
+        change.diff = diff(old, res.content, res.name)
     else:
         meta = _meta_diff(st, mode, uid, gid, host)
         if meta:
@@ -168,7 +180,8 @@ def _file(res: Resource, ctx: Ctx, dry: bool) -> Change:
             change.msg = ", ".join(meta)
             change.diff = "".join(f"  {m}\n" for m in meta)
         else:
-            change.msg = "content, mode and owner as declared"
+            change.msg = ("secret unchanged, " if res.secret else "content, ") + \
+                "mode and owner as declared"
     if pending:
         change.msg += f" ({', '.join(pending)} not on the host yet: resolved after packages)"
     change.data = _takeover(res, st, ctx, dry)
@@ -250,7 +263,7 @@ def _absent(res: Resource, ctx: Ctx, dry: bool) -> Change:
                          f"only")
     change.changed, change.action = True, "remove"
     change.msg = f"remove {kind_name(st.st_mode)}"
-    if stat.S_ISREG(st.st_mode):
+    if stat.S_ISREG(st.st_mode) and not ctx.old.get("secret"):
         change.diff = text_diff(host.read(res.name), b"", res.name)
     if not dry:
         host.remove(res.name)
@@ -263,12 +276,17 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
     st = host.lstat(name)
     change = Change(ident, action="prune")
     backup = entry.get("backup")
+    secret = bool(entry.get("secret"))
     if backup:
         original = ctx.state.load_backup(backup)
+        if original.get("sealed"):
+            if ctx.env is None:
+                raise ApplyError(f"{name}: its backup is sealed; no host identity here")
+            original["data"] = ctx.env.unseal(original["data"], True)
         current = host.read(name) if st is not None and stat.S_ISREG(st.st_mode) else b""
         change.changed, change.action = True, "restore"
         change.msg = "no longer declared: restore the original from before the agent managed it"
-        change.diff = text_diff(current, original["data"], name)
+        change.diff = "" if secret else text_diff(current, original["data"], name)
         if not dry:
             # the backup stays: a rollback of this revision brings the entry back
             host.write_file(name, original["data"], original["mode"], original["uid"],
@@ -284,7 +302,7 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
         change.msg = "no longer declared; directory not empty, left in place"
         return change
     change.changed, change.msg = True, f"no longer declared: remove {kind_name(st.st_mode)}"
-    if stat.S_ISREG(st.st_mode):
+    if stat.S_ISREG(st.st_mode) and not secret:
         change.diff = text_diff(host.read(name), b"", name)
     if not dry:
         host.remove(name)
@@ -294,14 +312,19 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
 # --- the journal: the prior state of a path, and putting it back ---------------------------
 
 
-def snapshot_path(host: Host, state: StateDir, path: str) -> dict[str, Any]:
-    """What is at `path` now; a regular file's content goes to the blob store."""
+def snapshot_path(host: Host, state: StateDir, path: str,
+                  seal: Callable[[bytes], tuple[bytes, bool]] = lambda data: (data, False)
+                  ) -> dict[str, Any]:
+    """What is at `path` now; a regular file's content goes to the blob store (sealed to
+    the host's own recipient when `seal` says it is a secret)."""
     st = host.lstat(path)
     if st is None:
         return {"exists": False}
     meta = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
     if stat.S_ISREG(st.st_mode):
-        return {"type": "file", "blob": state.save_blob(host.read(path)), **meta}
+        data, sealed = seal(host.read(path))
+        out = {"type": "file", "blob": state.save_blob(data), **meta}
+        return {**out, "sealed": True} if sealed else out
     if stat.S_ISDIR(st.st_mode):
         return {"type": "directory", **meta}
     if stat.S_ISLNK(st.st_mode):
@@ -312,7 +335,7 @@ def snapshot_path(host: Host, state: StateDir, path: str) -> dict[str, Any]:
 
 
 def restore_path(ident: str, host: Host, state: StateDir, path: str,
-                 prior: dict[str, Any]) -> Change:
+                 prior: dict[str, Any], env: Env | None = None) -> Change:
     """Put `path` back as snapshot_path saw it; a no-op when it already is."""
     change = Change(ident, action="rollback")
     st = host.lstat(path)
@@ -328,6 +351,10 @@ def restore_path(ident: str, host: Host, state: StateDir, path: str,
     kind = prior.get("type")
     if kind == "file":
         data = state.load_blob(prior["blob"])
+        if prior.get("sealed"):
+            if env is None:
+                raise ApplyError(f"{path}: its prior content is sealed; no host identity")
+            data = env.unseal(data, True)
         same = (st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
                 and (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
                 == (prior["mode"], prior["uid"], prior["gid"]) and host.read(path) == data)
@@ -366,7 +393,7 @@ def restore_paths(records: list[dict[str, Any]], env: Env,
         ident = rec["id"]
         try:
             out.append(restore_path(ident, env.host, env.state, path_of(rec["name"]),
-                                    rec["prior"]))
+                                    rec["prior"], env))
         except (ApplyError, AgentError, OSError) as e:
             out.append(Change(ident, failed=True, action="rollback",
                               msg=f"cannot be put back: {getattr(e, 'strerror', None) or e}"))
@@ -428,18 +455,29 @@ class FileKind(Kind):
             norm["notify"] = parse_names(spec["notify"], f"file[{target}].notify",
                                          spec.where("notify"))
         content = None
-        sources = [k for k in ("content", "template", "source") if k in spec]
+        sources = [k for k in _SOURCES if k in spec]
         if state == "absent":
-            extra = sources + [k for k in ("target", "mode", "owner", "group") if k in spec]
+            extra = sources + [k for k in ("target", "mode", "owner", "group", "format")
+                               if k in spec]
             if extra:
                 raise RenderError(f"render: file[{target}] is absent but sets {extra[0]} "
                                   f"({spec.where(extra[0])})")
         elif kind == "file":
             if len(sources) != 1 or "target" in spec:
                 raise RenderError(f"render: file[{target}] needs exactly one of content, "
-                                  f"template or source ({where})")
+                                  f"template, source or secret ({where})")
+            if "format" in spec:
+                if sources[0] != "secret" or spec["format"] not in ("age", "sops"):
+                    raise RenderError(f"render: file[{target}].format is age or sops, and "
+                                      f"only with secret: ({spec.where('format')})")
+                norm["format"] = spec["format"]
             content = ctx.content(spec, sources[0], f"file[{target}]")
             norm[sources[0]] = spec[sources[0]] if sources[0] != "content" else None
+            if ctx.secret(f"file[{target}]") and "mode" not in norm:
+                norm["mode"] = "0600"  # a secret is never world-readable by default
+        elif "format" in spec:
+            raise RenderError(f"render: file[{target}].format is only for secret: files "
+                              f"({spec.where('format')})")
         elif kind == "directory":
             if sources or "target" in spec:
                 raise RenderError(f"render: directory {target} takes no content or target "
@@ -457,22 +495,26 @@ class FileKind(Kind):
         return None  # each path is read right before it is checked (a batch goes stale)
 
     def check(self, res: Resource, observed: Any, env: Env) -> Change:
-        return check(res, Ctx(env.host, env.state, env.old.get(res.identity, {})))
+        return check(res, Ctx(env.host, env.state, env.old.get(res.identity, {}), env))
 
     def apply_one(self, res: Resource, planned: Change, env: Env) -> Change:
-        return apply(res, Ctx(env.host, env.state, env.old.get(res.identity, {})))
+        return apply(res, Ctx(env.host, env.state, env.old.get(res.identity, {}), env))
 
     def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
         if res.spec.get("state") == "absent":
             return None  # removed, not managed
-        return super().record(res, change)
+        entry = super().record(res, change)
+        if entry is not None and res.secret:
+            entry["secret"] = True  # its prune and removal show no content either
+        return entry
 
     def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
         return prune(ident, entry.get("path", entry["name"]), entry,
-                     Ctx(env.host, env.state, env.old.get(ident, {})), dry=dry)
+                     Ctx(env.host, env.state, env.old.get(ident, {}), env), dry=dry)
 
     def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
-        return snapshot_path(env.host, env.state, name)
+        return snapshot_path(env.host, env.state, name,
+                             lambda data: env.seal(ident, data))
 
     def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
                 env: Env) -> list[Change]:
