@@ -101,6 +101,8 @@ class SecretsConfig:
     # the host's age identity: an age key file (gitops-agent keygen) or an unencrypted
     # OpenSSH ed25519/RSA private key such as /etc/ssh/ssh_host_ed25519_key
     identity: str = "/etc/gitops-agent/age.key"
+    # the sops binary for SOPS files ("": `sops` on PATH, else next to the agent's Python)
+    sops: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ _SCHEMA: dict[str, Any] = {
         }),
         "metrics_textfile": (_PATH,), "heartbeat": (_DUR,),
     }),
-    "secrets": ("section", SecretsConfig, {"identity": (_PATH,)}),
+    "secrets": ("section", SecretsConfig, {"identity": (_PATH,), "sops": (_PATH,)}),
 }
 
 

@@ -177,7 +177,8 @@ class _Cycle:
         self.desired: DesiredState | None = None
         self.on_phase: Callable[[str], None] = lambda phase: None
         self.clock: Callable[[], float] = time.time
-        self.keyring = Keyring(cfg.secrets.identity)  # read when a secret is first used
+        # read when a secret is first used
+        self.keyring = Keyring(cfg.secrets.identity, cfg.secrets.sops)
 
     def _converger(self, full_check: bool) -> Converger:
         cfg = self.cfg

@@ -28,6 +28,13 @@ def _vsize() -> int:
         return 0
 
 
+def unbounded_exec() -> None:
+    """preexec_fn for a program the bounded child runs: its own address space is not
+    the template's to bound (its run time is, by its caller's timeout)."""
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
 def _die_with_parent() -> None:
     import ctypes
 
@@ -63,8 +70,11 @@ def run(fn: Callable[[Callable[[str], None]], Any], *, timeout: float, memory: i
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             if memory is not None:
+                # the soft limit only: a helper the child runs (sops, a Go program that
+                # reserves address space freely) may lift it for itself (unbounded_exec)
                 limit = _vsize() + memory
-                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+                hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+                resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
             def progress(text: str) -> None:
                 os.write(w, b"P" + text.encode(errors="replace").replace(b"\n", b" ") + b"\n")

@@ -345,7 +345,9 @@ class Renderer:
                               f"{where})") from None
         except jinja2.UndefinedError as e:
             line = _template_line(e, f"files/{rel}")
-            raise RenderError(f"render: undefined variable in files/{rel}{line}: {e.message} "
+            # `{}[secrets.db.password]` would quote the value as a missing key
+            text = self.secrets.scrub(e.message or "") if self._used else e.message
+            raise RenderError(f"render: undefined variable in files/{rel}{line}: {text} "
                               f"(used by {ident} at {where})") from None
         except jinja2.exceptions.SecurityError as e:
             raise RenderError(f"render: unsafe template files/{rel}: {e} (used by {ident} at "

