@@ -429,6 +429,16 @@ def test_rollback_and_takeover_backup_keep_secrets_sealed(host, tmp_path):
     out, text3 = apply(h)
     assert (root / "etc/app/db.pass").read_text() == f"{API_TOKEN}\n"
     assert API_TOKEN not in text3  # restored, not shown
+    assert DB_PASS not in text3
+    # a file that held a secret and now gets plain content: the old content is not shown
+    h["fleet"].write({"roles/app.yaml": "files:\n  /etc/app/s: {secret: secrets/db.pass.age}\n"})
+    h["fleet"].commit("s", push=True)
+    apply(h)
+    h["fleet"].write({"roles/app.yaml": "files:\n  /etc/app/s: {content: \"open\\n\"}\n"})
+    h["fleet"].commit("s in clear", push=True)
+    out, text4 = apply(h)
+    assert (root / "etc/app/s").read_text() == "open\n"
+    assert leaks(h["state"], text4) == []
 
 
 def test_a_failing_template_that_reads_secrets_does_not_quote_them(host):

@@ -159,8 +159,9 @@ def _file(res: Resource, ctx: Ctx, dry: bool) -> Change:
     uid, gid, pending = _ids(res, host, st if regular else None, dry)
     old = host.read(res.name) if regular else b""
     change = Change(res.identity)
-    # a secret's content is never diffed: its keyed fingerprint says which one it is
-    diff = (lambda a, b, name: "") if res.secret else text_diff
+    # a secret's content is never diffed (nor one that replaces a secret): its keyed
+    # fingerprint says which one it is
+    diff = (lambda a, b, name: "") if res.secret or ctx.old.get("secret") else text_diff
     if not regular:
         what = "replace symlink with file" if st is not None else "create"
         change.changed, change.action = True, "create"
