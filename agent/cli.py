@@ -92,6 +92,21 @@ def _parser() -> argparse.ArgumentParser:
                              "(fleet.yaml recipients:); exit 1 when one certainly is not")
     sc.add_argument("--repo", required=True)
     sc.add_argument("--rev", default="HEAD")
+    ap = sub.add_parser("approve", parents=[common],
+                        help="sign an approval of a commit (ssh-keygen -Y sign) and store it "
+                             "as refs/approvals/<commit>/<key>")
+    ap.add_argument("--repo", required=True)
+    ap.add_argument("--rev", default="HEAD")
+    ap.add_argument("--key", required=True, help="your ssh private key (or FIDO key handle)")
+    ap.add_argument("--branch", help="the branch hosts follow (default: the repo's HEAD)")
+    ap.add_argument("--push", metavar="REMOTE", help="push the approval ref there")
+    al = sub.add_parser("approvals", parents=[common],
+                        help="who approved a commit, checked against an approvers file")
+    al.add_argument("--repo", required=True)
+    al.add_argument("--rev", default="HEAD")
+    al.add_argument("--approvers", required=True, help="allowed_signers format")
+    al.add_argument("--threshold", type=int, default=1)
+    al.add_argument("--branch", help="the branch hosts follow (default: the repo's HEAD)")
     f = sub.add_parser("fleet", parents=[common], help="fleet views")
     fs = f.add_subparsers(dest="fleet_verb", required=True, parser_class=_Parser)
     st = fs.add_parser("status", parents=[common], help="aggregate the fleet's reports")
@@ -167,7 +182,7 @@ def cmd_apply(args: argparse.Namespace, plan_only: bool = False) -> int:
     if dry:
         return 1 if result.errors or result.failed else 0
     return 0 if result.state in ("converged", "offline", "waiting", "halted",
-                                 "rebooting") else 1
+                                 "rebooting", "awaiting-approval", "pinned") else 1
 
 
 def _check_line(c: dict[str, Any]) -> str:
@@ -305,6 +320,25 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     report = secret_audit.check(args.repo, args.rev)
     _print(report, args.json, secret_audit.human_check(report))
     return 1 if report["missing"] else 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from .approvals import approve
+
+    out = approve(args.repo, args.rev, args.key, args.branch, args.push)
+    human = (f"approved {out['commit'][:12]} (tree {out['tree'][:12]}) on {out['branch']} "
+             f"with {out['key']}: {out['ref']}"
+             + (f", pushed to {out['pushed']}" if out["pushed"] else "") + "\n")
+    _print(out, args.json, human)
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from .approvals import human, show
+
+    data = show(args.repo, args.rev, args.approvers, args.branch, args.threshold)
+    _print(data, args.json, human(data))
+    return 0 if data["ok"] else 1
 
 
 def human_history(entries: list[dict]) -> str:
@@ -463,17 +497,18 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=1, sort_keys=True, default=str))
         return 1 if bad else 0
-    lines = [f"{'HOST':20} {'COMMIT':12} {'STATE':10} {'REPORT AGE':>10}  {'OFFLINE':7} "
+    lines = [f"{'HOST':20} {'COMMIT':12} {'STATE':17} {'REPORT AGE':>10}  {'OFFLINE':7} "
              f"{'FAILED':6}" + ("  BEHIND" if data["tip"] else "")]
     for r in data["rows"]:
         age = "-" if r["age"] is None else f"{r['age']:.0f}s" + (" STALE" if r["stale"] else "")
         behind = ""
         if data["tip"]:
             behind = "  ?" if r.get("behind") is None else f"  {r['behind']}"
-        lines.append(f"{r['host']:20} {(r['commit'] or '-')[:12]:12} {r['state'] or '-':10} "
+        lines.append(f"{r['host']:20} {(r['commit'] or '-')[:12]:12} {r['state'] or '-':17} "
                      f"{age:>10}  {'yes' if r['offline'] else 'no':7} {r['failed']:<6}{behind}")
-        if r.get("rolled_back"):
-            lines.append(f"{'':20} {r['rolled_back']}")
+        for why in (r.get("rolled_back"), r.get("waiting"), r.get("pinned")):
+            if why:
+                lines.append(f"{'':20} {why}")
     lines.append("")
     waves = [w for w in data.get("waves", []) if w["wave"] != "-"]
     if waves:
@@ -525,6 +560,8 @@ def human_status(s: dict) -> str:
         lines.append(f"offline:     since {_age(s['offline_since'])}: {s.get('offline_reason')}")
     if s.get("rejected"):
         lines.append(f"rejected:    {s['rejected']}")
+    if lc.get("waiting"):
+        lines.append(f"waiting:     {lc['waiting']}")
     if s.get("rolled_back"):
         lines.append(f"rolled back: {s['rolled_back']}")
     if s.get("degraded"):
@@ -615,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_recipient(args)
         if verb == "secrets":
             return cmd_secrets(args)
+        if verb == "approve":
+            return cmd_approve(args)
+        if verb == "approvals":
+            return cmd_approvals(args)
         return cmd_control(args)
     except AgentError as e:
         print(f"gitops-agent: {e}", file=sys.stderr)

@@ -62,6 +62,15 @@ class TrustConfig:
     max_age: float | None = None
     max_future_skew: float | None = 86400.0  # off (null) only for RTC-less hosts
     unsigned: str = "refuse"
+    approvals: ApprovalsConfig = field(default_factory=lambda: ApprovalsConfig())
+
+
+@dataclass(frozen=True)
+class ApprovalsConfig:
+    # k of n: a tip is applied once `threshold` distinct principals of `approvers` (an
+    # allowed_signers file) approved it (approvals.py); 0 = off
+    threshold: int = 0
+    approvers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,8 @@ _SCHEMA: dict[str, Any] = {
         "require": ("enum", ("tip", "all")), "allow_rewind": (_BOOL,),
         "max_age": (_OPTDUR,), "max_future_skew": (_OPTDUR,),
         "unsigned": ("enum", ("refuse", "allow")),
+        "approvals": ("section", ApprovalsConfig, {"threshold": (_INT,),
+                                                   "approvers": (_PATH,)}),
     }),
     "host": ("section", HostConfig, {"name": (_STR,), "labels": ("labels",)}),
     "root": (_PATH,), "state_dir": (_PATH,), "socket": (_PATH,),
@@ -263,6 +274,11 @@ def parse(text: str, src: str) -> Config:
     cfg = _section(Config, _SCHEMA, data, f"{src}:1", "", base)
     if not cfg.source.url:
         raise ConfigError(f"config: source.url is required: where to fetch the fleet repo ({src})")
+    appr = cfg.trust.approvals
+    if appr.threshold and not appr.approvers:
+        raise ConfigError(f"config: trust.approvals.threshold is {appr.threshold} but "
+                          f"trust.approvals.approvers (an allowed_signers file) is not set "
+                          f"({src})")
     if cfg.host.name is not None and (why := host_name_problem(cfg.host.name)):
         where = data.get("host").where("name") if isinstance(data.get("host"), LineDict) else src
         raise ConfigError(f"config: host.name {cfg.host.name!r} {why} ({where})")

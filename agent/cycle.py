@@ -65,6 +65,8 @@ class CycleResult:
     halted: bool = False  # it waits because earlier waves failed it (rollout.halt)
     rebooted: str = ""  # the commit confirmed after the reboot it asked for
     rollout: dict[str, Any] = field(default_factory=dict)  # wave, bucket, opens_at
+    awaiting: bool = False  # it waits for approvals (trust.approvals)
+    approvals: dict[str, Any] | None = None  # the tally of the tip's approvals
 
     @property
     def changed(self) -> int:
@@ -90,7 +92,7 @@ class CycleResult:
                "rolled_back": self.rolled_back, "quarantined": self.quarantined,
                "rollback_seconds": round(self.rollback_seconds, 3),
                "waiting": self.waiting, "rollout": self.rollout, "halted": self.halted,
-               "rebooted": self.rebooted}
+               "rebooted": self.rebooted, "approvals": self.approvals}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -172,6 +174,7 @@ class _Cycle:
         self.host = Host(cfg.root)  # the one gate to the OS, gpgv included
         hosts.append(self.host)
         self.tip: str | None = None
+        self.fetched_url: str | None = None
         self.target: str = ""
         self.plan: Plan | None = None
         self.desired: DesiredState | None = None
@@ -261,6 +264,7 @@ class _Cycle:
                     self._hold(bad)
             return
         fetched = mirror.fetch(self.should_stop)
+        self.fetched_url = fetched.url
         if (self.last_good and not mirror.rebuilt
                 and (fetched.offline or not mirror.has_commit(self.last_good))):
             problem = mirror.problem([self.last_good])
@@ -296,6 +300,8 @@ class _Cycle:
                     log.warning("cycle: converging last good %s (%s)", check[:12],
                                 result.offline_reason,
                                 extra={"COMMIT": check, "STAGE": "fetch"})
+                elif check != self.last_good and self.cfg.trust.approvals.threshold:
+                    self._approved(check)
                 return
             except TrustError as e:
                 result.rejected = str(e)
@@ -311,6 +317,50 @@ class _Cycle:
                                  f"enforced: nothing is converged until a trusted tip arrives")
         result.state = "rejected" if result.rejected else "failed"
         raise _Done
+
+    def _approved(self, tip: str) -> None:
+        """k of n: short of the threshold the host stays on last good, awaiting approval."""
+        from . import approvals
+        from .trust import Verifier
+
+        acfg = self.cfg.trust.approvals
+        result = self.result
+        assert acfg.approvers is not None
+        approvers = approvals.load_approvers(acfg.approvers)  # TrustError: not applied
+        revoked = Verifier(revoked_keys=self.cfg.trust.revoked_keys).revoked \
+            if self.cfg.trust.revoked_keys else set()
+        signer = Verifier(allowed_signers=acfg.approvers,
+                          revoked_keys=self.cfg.trust.revoked_keys).verify(
+            self.mirror.raw_commit(tip), tip)
+        found: dict[str, dict[str, Any]] = {}
+        error = ""
+        try:
+            if self.fetched_url is not None:
+                found = self.mirror.fetch_approvals(self.fetched_url, tip, self.should_stop)
+        except SourceError as e:
+            error = str(e)
+            result.warnings.append(error)
+        tally = approvals.tally(
+            found, branch=self.cfg.source.branch, commit=tip, tree=self.mirror.tree_id(tip),
+            approvers=approvers, threshold=acfg.threshold, revoked=revoked,
+            now=int(time.time()), signer=(signer.signer or "") if signer.good else "",
+            error=error)
+        result.approvals = tally.to_json()
+        for a in tally.approvals:
+            if not a.ok:
+                log.warning("approvals: %s refused: %s", a.ref, a.reason,
+                            extra={"COMMIT": tip, "STAGE": "verify"})
+        if tally.ok:
+            log.info("approvals: %s approved, %s", tip[:12], tally.summary,
+                     extra={"COMMIT": tip, "STAGE": "verify"})
+            return
+        result.waiting = f"{tip[:12]}: awaiting approval, {tally.summary}"
+        result.awaiting = True
+        log.warning("approvals: %s", result.waiting, extra={"COMMIT": tip, "STAGE": "verify"})
+        if not self._last_good_here():
+            result.errors.append(f"{result.waiting}; no last good revision to converge")
+            raise _Done
+        self._use_last_good(result.waiting)
 
     # --- the host, and the fast path ------------------------------------------------------
 
@@ -722,6 +772,8 @@ def _final_state(result: CycleResult) -> str:
     if result.quarantined:
         return "rolled-back"
     if result.waiting and result.ok:
+        if result.awaiting:
+            return "awaiting-approval"
         return "halted" if result.halted else "waiting"
     if not result.ok:
         return "failed"

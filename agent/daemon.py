@@ -219,7 +219,8 @@ class Daemon:
                 and result.state == "converged":
             # nor about the tip that waits for its wave or window
             result.waiting, result.rollout = self.last.waiting, self.last.rollout
-            result.state = "waiting"
+            result.awaiting, result.approvals = self.last.awaiting, self.last.approvals
+            result.state = "awaiting-approval" if result.awaiting else "waiting"
         self.last = result
         if "drift" in reasons:
             fixed = drift_fixes(result)

@@ -25,7 +25,7 @@ log = logging.getLogger("agent.report")
 
 _STATES = ("converged", "failed", "offline", "rejected", "paused", "applying", "starting",
            "verifying", "rolled-back", "degraded", "waiting", "halted",
-           "rebooting")
+           "rebooting", "awaiting-approval", "pinned")
 
 
 def _esc(value: Any) -> str:

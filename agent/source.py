@@ -29,6 +29,7 @@ log = logging.getLogger("agent.source")
 
 FETCHED_REF = "refs/gitops/fetched"
 LAST_GOOD_REF = "refs/gitops/last-good"
+_APPROVALS_LOCAL = "refs/gitops/approvals/"
 
 MAX_DEPTH = 64  # directories deep, in a commit's tree
 
@@ -167,6 +168,105 @@ class Mirror:
         if tip is None:
             raise SourceError(f"fetch from {redact(url)}: branch {branch!r} does not exist there")
         return tip
+
+    # --- approvals (approvals.py decides what they mean) ----------------------------------
+
+    def fetch_approvals(self, url: str, commit: str, should_stop: Any = None
+                        ) -> dict[str, dict[str, Any]]:
+        """The approval refs of `commit` from `url`, read and then deleted from the mirror
+        (a stale blob ref there would break later fetches in libgit2)."""
+        local = f"{_APPROVALS_LOCAL}{commit}/"
+        self._drop_refs(_APPROVALS_LOCAL)
+
+        def one(_progress: Any = None) -> bool:
+            remote = self.repo.remotes.create_anonymous(url)
+            remote.fetch([f"+refs/approvals/{commit}/*:{local}*"],
+                         callbacks=self._callbacks(url))
+            return True
+
+        try:
+            if scheme(url) == "local":
+                one()
+            else:
+                from . import isolate
+
+                isolate.run(one, timeout=self.source.fetch_deadline, memory=None,
+                            should_stop=should_stop or (lambda: False))
+        except Exhausted as e:
+            self._clear_locks()
+            raise SourceError(f"fetching the approvals of {commit[:12]} stopped: it "
+                              f"{e}") from None
+        except (pygit2.GitError, OSError, ValueError) as e:
+            raise SourceError(f"fetching the approvals of {commit[:12]} from {redact(url)} "
+                              f"failed: {_clean(e)}") from None
+        try:
+            return self.approvals(commit, local)
+        finally:
+            self._drop_refs(_APPROVALS_LOCAL)
+
+    def approvals(self, commit: str, prefix: str = "", limit: int = 64
+                  ) -> dict[str, dict[str, Any]]:
+        """{refs/approvals/<commit>/<key>: {"sig": bytes} | {"error": why}}; more than
+        `limit` refs: only the first limit + 1 are read (the caller refuses them all)."""
+        from .approvals import MAX_SIG, SIG_FILE
+
+        prefix = prefix or f"refs/approvals/{commit}/"
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.repo.references:
+            if not name.startswith(prefix):
+                continue
+            shown = f"refs/approvals/{commit}/{name[len(prefix):]}"
+            if len(out) > limit:
+                out[shown] = {"error": "not read: too many approval refs"}
+                continue
+            out[shown] = self._approval_object(self.repo.references[name].target, SIG_FILE,
+                                               MAX_SIG)
+        return out
+
+    def _approval_object(self, oid: Any, sig_file: str, max_sig: int) -> dict[str, Any]:
+        try:
+            kind, size = self.repo.odb.read_header(oid)
+            if kind != pygit2.enums.ObjectType.COMMIT:
+                return {"error": "the ref does not point at an approval commit (a bare "
+                                 "object): refused"}
+            obj = self.repo[oid]
+            if obj.parents:
+                return {"error": "an approval commit has no parents; this one has"}
+            entries = list(obj.tree)
+            if [e.name for e in entries] != [sig_file] or \
+                    entries[0].filemode not in _BLOB_MODES:
+                return {"error": f"an approval commit holds exactly one file, {sig_file}"}
+            size = self.repo.odb.read_header(entries[0].id)[1]
+            if size > max_sig:
+                return {"error": f"approval is {size} bytes, over {max_sig}: refused"}
+            return {"sig": self.repo[entries[0].id].data}
+        except (KeyError, ValueError, pygit2.GitError) as e:
+            return {"error": f"the approval cannot be read: {_clean(e)}"}
+
+    def write_approval(self, commit: str, key_hex: str, sig: bytes) -> str:
+        """Store an approval as `refs/approvals/<commit>/<key>`: a parentless commit whose
+        tree holds the signature. Returns the ref."""
+        from .approvals import SIG_FILE
+
+        blob = self.repo.create_blob(sig)
+        tb = self.repo.TreeBuilder()
+        tb.insert(SIG_FILE, blob, pygit2.GIT_FILEMODE_BLOB)
+        who = pygit2.Signature("gitops-agent approval", "approval@gitops-agent.invalid")
+        oid = self.repo.create_commit(None, who, who, f"approval of {commit}\n", tb.write(),
+                                      [])
+        ref = f"refs/approvals/{commit}/{key_hex}"
+        self.repo.references.create(ref, oid, force=True)
+        return ref
+
+    def tree_id(self, commit: str) -> str:
+        return str(self.repo[commit].peel(pygit2.Commit).tree_id)
+
+    def _drop_refs(self, prefix: str) -> None:
+        for name in [n for n in self.repo.references if n.startswith(prefix)]:
+            try:
+                self.repo.references.delete(name)
+            except (KeyError, pygit2.GitError):
+                pass
 
     def _callbacks(self, url: str) -> pygit2.RemoteCallbacks | None:
         if scheme(url) in ("ssh", "https"):
