@@ -107,8 +107,29 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--approvers", required=True, help="allowed_signers format")
     al.add_argument("--threshold", type=int, default=1)
     al.add_argument("--branch", help="the branch hosts follow (default: the repo's HEAD)")
+    pn = sub.add_parser("pin", parents=[common],
+                        help="break glass: converge this trusted commit of the branch instead "
+                             "of the tip until unpin (root only)")
+    pn.add_argument("rev")
+    pn.add_argument("--reason", required=True)
+    sub.add_parser("unpin", parents=[common], help="follow the branch tip again")
     f = sub.add_parser("fleet", parents=[common], help="fleet views")
     fs = f.add_subparsers(dest="fleet_verb", required=True, parser_class=_Parser)
+    rb = fs.add_parser("rollback", parents=[common],
+                       help="go back to REV's tree with a new commit on the branch (a signed "
+                            "roll-forward, ready to push)")
+    rb.add_argument("--repo", required=True)
+    rb.add_argument("--to", required=True, metavar="REV")
+    rb.add_argument("--branch", help="default: the branch HEAD names")
+    rb.add_argument("--sign", action="store_true",
+                    help="sign it with your git signing key (user.signingkey, gpg.format)")
+    rb.add_argument("-m", "--message", default="", help="why")
+    rb.add_argument("--dry-run", action="store_true",
+                    help="make no commit; show which hosts' plans would change")
+    rb.add_argument("--reports", help="also render the hosts of this report drop (with "
+                                      "the labels their reports carry)")
+    rb.add_argument("--label", action="append", default=[], metavar="K=V",
+                    help="labels for hosts without a report (dry run)")
     st = fs.add_parser("status", parents=[common], help="aggregate the fleet's reports")
     st.add_argument("--reports", required=True)
     st.add_argument("--repo")
@@ -322,6 +343,43 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     return 1 if report["missing"] else 0
 
 
+def cmd_pin(args: argparse.Namespace) -> int:
+    """Write or remove the pin in state_dir, then ask a running daemon for a cycle."""
+    from . import trust
+    from .control import request
+    from .errors import AgentError as _Err
+    from .source import FETCHED_REF, Mirror
+    from .state import StateDir
+
+    if os.geteuid() != 0:
+        raise UsageError(f"{args.verb}: root only (it changes what this host converges)")
+    cfg = _config(args)
+    state = StateDir(cfg.state_dir)
+    if args.verb == "unpin":
+        message = "unpinned: following the branch tip again" if state.clear_pin() \
+            else "not pinned"
+    else:
+        mirror = Mirror(state.mirror_path, cfg.source)
+        commit = mirror.resolve(args.rev)
+        st = state.load_state()
+        heads = [c for c in (mirror.ref(FETCHED_REF), st.get("last_good")) if c]
+        if not any(c == commit or mirror.descends(c, commit) for c in heads):
+            raise UsageError(f"pin: {commit[:12]} is not in the history of branch "
+                             f"{cfg.source.branch} as this host fetched it")
+        verdict = trust.pin_verdict(cfg.trust, mirror, None, commit)
+        by = os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
+        state.save_pin(commit, args.reason, by)
+        message = (f"pinned to {commit[:12]} ({verdict.reason}): this host converges it "
+                   f"instead of the tip until `gitops-agent unpin`")
+    try:
+        request(cfg.socket, {"verb": "sync", "wait": False}, 10)
+        message += "; the daemon is running a cycle now"
+    except (_Err, OSError):
+        message += "; the next cycle (or `gitops-agent apply`) takes it"
+    _print({"message": message}, args.json, message + "\n")
+    return 0
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     from .approvals import approve
 
@@ -474,6 +532,14 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     from .config import parse_duration
     from .fleet import fleet_rows
 
+    if args.fleet_verb == "rollback":
+        from .rollforward import human, rollback
+
+        out = rollback(args.repo, args.to, args.branch, args.sign, args.message,
+                       args.dry_run, args.reports, _labels(args.label, "fleet rollback"))
+        _print(out, args.json, human(out))
+        return 0
+
     try:
         stale = parse_duration(args.stale)
     except ValueError as e:
@@ -560,6 +626,8 @@ def human_status(s: dict) -> str:
         lines.append(f"offline:     since {_age(s['offline_since'])}: {s.get('offline_reason')}")
     if s.get("rejected"):
         lines.append(f"rejected:    {s['rejected']}")
+    if s.get("pinned"):
+        lines.append(f"PINNED:      {s['pinned']} (`gitops-agent unpin` to follow the tip)")
     if lc.get("waiting"):
         lines.append(f"waiting:     {lc['waiting']}")
     if s.get("rolled_back"):
@@ -654,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_secrets(args)
         if verb == "approve":
             return cmd_approve(args)
+        if verb in ("pin", "unpin"):
+            return cmd_pin(args)
         if verb == "approvals":
             return cmd_approvals(args)
         return cmd_control(args)

@@ -66,6 +66,7 @@ class CycleResult:
     rebooted: str = ""  # the commit confirmed after the reboot it asked for
     rollout: dict[str, Any] = field(default_factory=dict)  # wave, bucket, opens_at
     awaiting: bool = False  # it waits for approvals (trust.approvals)
+    pinned: str = ""  # `gitops-agent pin`: which commit, who, since when, why
     approvals: dict[str, Any] | None = None  # the tally of the tip's approvals
 
     @property
@@ -92,7 +93,8 @@ class CycleResult:
                "rolled_back": self.rolled_back, "quarantined": self.quarantined,
                "rollback_seconds": round(self.rollback_seconds, 3),
                "waiting": self.waiting, "rollout": self.rollout, "halted": self.halted,
-               "rebooted": self.rebooted, "approvals": self.approvals}
+               "rebooted": self.rebooted, "approvals": self.approvals,
+               "pinned": self.pinned}
         if with_changes:
             out["changes"] = [c.to_json() for c in self.changes]
         return out
@@ -182,6 +184,7 @@ class _Cycle:
         self.clock: Callable[[], float] = time.time
         # read when a secret is first used
         self.keyring = Keyring(cfg.secrets.identity, cfg.secrets.sops)
+        self.pin: dict[str, Any] | None = None if dry_run else state.load_pin()
 
     def _converger(self, full_check: bool) -> Converger:
         cfg = self.cfg
@@ -285,6 +288,9 @@ class _Cycle:
         (a revoked key's commit is no longer enforced, online or not)."""
 
         result = self.result
+        if self.pin is not None:
+            self._pinned(self.pin)
+            return
         check = self.tip if self.tip is not None else (
             self.last_good if self._last_good_here() else None)
         last_good_bad = False
@@ -317,6 +323,33 @@ class _Cycle:
                                  f"enforced: nothing is converged until a trusted tip arrives")
         result.state = "rejected" if result.rejected else "failed"
         raise _Done
+
+    def _pinned(self, pin: dict[str, Any]) -> None:
+        """`gitops-agent pin`: converge this commit instead of the tip. It must be in the
+        branch's history (the fetched tip's or last good's) and pass the trust files."""
+        result, mirror = self.result, self.mirror
+        commit = str(pin["commit"])
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pin.get("since") or 0))
+        result.pinned = (f"pinned to {commit[:12]} by {pin.get('by') or '?'} since {since}: "
+                         f"{pin.get('reason') or 'no reason given'}")
+        log.warning("cycle: %s", result.pinned, extra={"COMMIT": commit, "STAGE": "verify"})
+        heads = [c for c in (self.tip or mirror.ref(FETCHED_REF), self.last_good) if c]
+        if not mirror.has_commit(commit) or not any(
+                c == commit or mirror.descends(c, commit) for c in heads):
+            result.errors.append(f"{result.pinned}: that commit is not in the history of "
+                                 f"branch {self.cfg.source.branch} here; nothing converged "
+                                 f"(`gitops-agent unpin`)")
+            raise _Done
+        try:
+            verdict = trust.pin_verdict(self.cfg.trust, mirror, self.state, commit, self.host)
+        except TrustError as e:
+            result.rejected = str(e)
+            result.errors.append(f"{e}; nothing converged (`gitops-agent unpin`)")
+            raise _Done from None
+        self.target = result.commit = commit
+        result.signer = verdict.signer
+        result.commit_time = verdict.commit_time
+        result.warnings.extend(verdict.warnings)
 
     def _approved(self, tip: str) -> None:
         """k of n: short of the threshold the host stays on last good, awaiting approval."""
@@ -373,7 +406,7 @@ class _Cycle:
             self.result.errors.append(str(e))
             raise _Done from None
         self.name, self.labels = host_identity(self.cfg)
-        if self.target != self.last_good:  # a known bad tip: no need to render it again
+        if self.target != self.last_good and self.pin is None:  # a known bad tip: held
             bad = self._quarantined("commit", self.target)
             if bad is not None:
                 self._hold(bad)
@@ -470,7 +503,7 @@ class _Cycle:
         result = self.result
         try:
             self.desired = self._render_healing(self.target)
-            if self.target == self.last_good:
+            if self.target == self.last_good or self.pin is not None:
                 return
             digest = plan_digest(self.desired)
             bad = self._quarantined("plan", digest)
@@ -572,18 +605,19 @@ class _Cycle:
                 raise _Done
         self._save_manifest(new_resources, complete=not held)
         if not result.errors:
-            if new_rev:
+            if new_rev and self.pin is None:  # a pin never becomes last good
                 self.st["last_good"] = self.target
                 self.st["last_good_time"] = time.time()
                 self.st["last_good_signer"] = result.signer
                 self.st["last_good_committer_time"] = result.commit_time
                 self.mirror.set_ref(LAST_GOOD_REF, self.target)
-            if new_rev or "checks" not in self.st:
+            if self.pin is None and (new_rev or "checks" not in self.st):
                 self.st["checks"] = [c for c in checks if not c.get("no_restart")]
-            self.st["last_good_plan"] = digest  # what a new commit is compared with
+            if self.pin is None:
+                self.st["last_good_plan"] = digest  # what a new commit is compared with
             if new_rev and result.trial is not None:
                 self.st.pop("degraded", None)
-            result.last_good = self.target
+            result.last_good = self.st.get("last_good")
             try:
                 self.state.save_state(self.st)  # last good moves before the journal goes
             except AgentError as e:
@@ -771,6 +805,8 @@ class _Cycle:
 def _final_state(result: CycleResult) -> str:
     if result.quarantined:
         return "rolled-back"
+    if result.pinned and result.ok:
+        return "pinned"
     if result.waiting and result.ok:
         if result.awaiting:
             return "awaiting-approval"

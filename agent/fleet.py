@@ -120,7 +120,9 @@ def fleet_rows(reports_dir: str, stale_after: float, repo: str | None = None,
                                if isinstance(q, dict)],
                "degraded": bool(rep.get("degraded")),
                # issue 11: the host's wave (from its own policy) and why it waits
-               **_wave_of(rep)}
+               **_wave_of(rep),
+               # issue 15: a break-glass pin on the host
+               "pinned": rep.get("pinned") if isinstance(rep.get("pinned"), str) else ""}
         if repository is not None and tip is not None and row["commit"]:
             row["behind"] = repository.behind(tip, row["commit"])
         rows.append(row)

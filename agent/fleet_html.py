@@ -79,7 +79,8 @@ def page(data: dict[str, Any], now: float | None = None) -> str:
                '<th>why</th></tr>')
     for r in rows:
         age = "-" if r.get("age") is None else f"{r['age']:.0f}s"
-        why = r.get("waiting") or r.get("rolled_back") or "; ".join(r.get("errors") or [])
+        why = (r.get("pinned") or r.get("waiting") or r.get("rolled_back")
+               or "; ".join(r.get("errors") or []))
         out.append(f'<tr class="host{" stale" if r.get("stale") else ""}" '
                    f'data-host="{_e(r["host"])}"><td>{_e(r["host"])}</td>'
                    f'<td class="s-{_e(r["state"])}">{_e(r["state"])}</td>'

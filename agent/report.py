@@ -107,7 +107,8 @@ def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str,
     # the last trial on this host: this cycle's, or the one that decided the state now
     trial = (last.trial if last else None) or st.get("last_trial")
     out = {
-        "host": host_identity(cfg)[0], "version": __version__,
+        "host": host_identity(cfg)[0], "labels": host_identity(cfg)[1],
+        "version": __version__,
         "state": last.state if last else "starting",
         "applied_commit": last.commit if last else st.get("last_cycle", {}).get("commit"),
         "signer": last.signer if last else st.get("last_good_signer"),
@@ -126,6 +127,8 @@ def status_json(cfg: Config, last: CycleResult | None, **live: Any) -> dict[str,
         "rollbacks": st.get("rollbacks") or 0, "degraded": st.get("degraded"),
         # issue 11: this host's wave and bucket, and why the tip waits
         "rollout": last.rollout if last else {}, "waiting": last.waiting if last else "",
+        # issue 15: why this host converges a pinned commit instead of the tip
+        "pinned": last.pinned if last else "",
         "quarantine": [{k: q.get(k) for k in ("commit", "at", "check", "output")}
                        for q in quarantine],
     }

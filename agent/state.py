@@ -260,6 +260,34 @@ class StateDir:
         except FileNotFoundError:
             pass
 
+    # --- the break-glass pin (pin.json: this host converges one commit until unpin) ---------
+
+    def load_pin(self) -> dict[str, Any] | None:
+        path = self.p("pin.json")
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            raise StateError(f"state: {path} is unreadable; `gitops-agent unpin` removes "
+                             f"it") from None
+        if not isinstance(data, dict) or not isinstance(data.get("commit"), str):
+            raise StateError(f"state: {path} has no commit; `gitops-agent unpin` removes it")
+        return data
+
+    def save_pin(self, commit: str, reason: str, by: str) -> dict[str, Any]:
+        data = {"commit": commit, "reason": reason, "by": by, "since": time.time()}
+        self._write_json("pin.json", data)
+        return data
+
+    def clear_pin(self) -> bool:
+        try:
+            os.unlink(self.p("pin.json"))
+        except FileNotFoundError:
+            return False
+        return True
+
     # --- history -----------------------------------------------------------------------
 
     def append_history(self, entry: dict[str, Any], keep: int = 1000) -> None:

@@ -428,6 +428,32 @@ def _gate(tcfg: TrustConfig, mirror: Mirror, tip: str, tip_time: int, st: dict[s
     return tip_verdict
 
 
+def pin_verdict(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, commit: str,
+                host: Host | None = None) -> Verdict:
+    """A pinned commit (gitops-agent pin): its own signature must pass the trust files as
+    they are now; ancestry, age and approvals are the pin's business (it goes back on
+    purpose, and the caller checks that it is in the branch's history)."""
+    t = commit_time(mirror, commit)
+    if tcfg.unsigned == "allow":
+        msg = ("UNSIGNED COMMITS ALLOWED (trust.unsigned: allow): anyone who can push to "
+               "the branch controls this host. Use this for demos only.")
+        return Verdict(commit, True, None, None, msg, "unsigned-allowed", [msg], t)
+    if not tcfg.allowed_signers and not tcfg.gpg_keyring:
+        raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
+                         "trust.unsigned is refuse: nothing can be trusted", commit=commit,
+                         rule="trust-files")
+    verdicts = _Verdicts(tcfg, mirror, state, host)
+    try:
+        v = verdicts.of([commit])[0]
+    finally:
+        verdicts.save()
+    if not v.good:
+        raise TrustError(f"pinned commit {commit[:12]}: {v.reason}", commit=commit,
+                         rule=v.rule, key=v.key or "")
+    v.commit_time = t
+    return v
+
+
 def commit_time(mirror: Mirror, commit: str) -> int:
     """The committer time of a commit that libgit2 can parse; anything else (a blob or
     tag where the branch should point, a malformed object) is refused as untrusted."""
