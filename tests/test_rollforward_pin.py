@@ -181,6 +181,16 @@ class Daemon:
         return self.proc.communicate(timeout=30)[0]
 
 
+def fleet_view(env: dict, status: dict, state: str, why: str) -> None:
+    """The status the host reports (a report is the same document), in `fleet status`."""
+    drop = env["tmp"] / "drop"
+    drop.mkdir(exist_ok=True)
+    (drop / "web-01.json").write_text(json.dumps({**status, "reported_at": time.time()}))
+    out = agent("fleet", "status", "--reports", str(drop), check=None).stdout
+    row = next(line for line in out.splitlines() if line.startswith("web-01"))
+    assert state in row and why in out, out
+
+
 def test_daemon_waits_for_the_second_approval_then_applies_and_shows_a_pin(signed):
     env = signed
     fleet: Fleet = env["fleet"]
@@ -208,6 +218,7 @@ def test_daemon_waits_for_the_second_approval_then_applies_and_shows_a_pin(signe
         assert st["state"] == "awaiting-approval"
         assert "1 of 2: alice; waiting for any of bob" in st["waiting"]
         assert "waiting:     " in d.cli("status", check=None).stdout
+        fleet_view(env, st, "awaiting-approval", "1 of 2: alice; waiting for any of bob")
         # the second approval arrives: one cycle applies it
         agent("approve", "--repo", str(fleet.work), "--key", str(env["bob"]), "--push",
               "origin", check=0)
@@ -223,6 +234,7 @@ def test_daemon_waits_for_the_second_approval_then_applies_and_shows_a_pin(signe
         st = d.status()
         assert st["state"] == "pinned" and "rollback drill" in st["pinned"]
         assert "PINNED:" in d.cli("status").stdout
+        fleet_view(env, st, "pinned", "rollback drill")
         assert workers(env) == "worker_processes 8;"
         d.cli("unpin", check=0)
         deadline = time.monotonic() + 30
