@@ -50,6 +50,9 @@ class SourceConfig:
     ca_bundle: str | None = None
     timeout: float = 30.0
     fetch_deadline: float = 300.0
+    # the daemon's change probe between full cycles: a ref advertisement only, a full
+    # cycle when the branch moved (None: off)
+    probe_interval: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ _SCHEMA: dict[str, Any] = {
         "url": ("url",), "branch": (_STR,), "mirrors": ("urllist",),
         "ssh_key": (_PATH,), "known_hosts": (_PATH,), "token_file": (_PATH,),
         "ca_bundle": (_PATH,), "timeout": (_DUR,), "fetch_deadline": (_DUR,),
+        "probe_interval": (_OPTDUR,),
     }),
     "trust": ("section", TrustConfig, {
         "allowed_signers": (_PATH,), "gpg_keyring": (_PATH,), "revoked_keys": (_PATH,),

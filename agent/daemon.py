@@ -95,6 +95,9 @@ class Daemon:
         self.tasks: set[asyncio.Task] = set()
         self._sigint = 0
         self._flushing = False
+        self.probes = 0  # change probes sent (source.probe_interval)
+        self._probe_approvals: str | None = None  # the tip's approval refs, last probe
+        self.probe_hits = 0  # probes that found the branch moved
 
     # --- triggers ----------------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class Daemon:
         live: dict[str, Any] = {
             "offline_since": self.offline_since, "next_cycle_at": self.next_at or None,
             "drift_corrections": self.drift_corrections, "cycles": self.cycles,
+            "probes": self.probes, "probe_hits": self.probe_hits,
             "drift_detected": self.watcher.reported if self.watcher is not None else 0,
             "paused": paused, "config_error": self.config_error}
         if paused:
@@ -274,6 +278,37 @@ class Daemon:
             if self.cfg.report.sftp is not None or self.cfg.report.metrics_textfile:
                 self._report()
 
+    async def _prober(self) -> None:
+        """source.probe_interval: between full cycles, ask the server for the branch's
+        tip only (one ref advertisement, no pack, no state lock) and run a full cycle
+        when it moved. Jittered by ±20% so a fleet does not probe in lockstep."""
+        from .source import probe
+
+        while not self.stopping:
+            every = self.cfg.source.probe_interval
+            if not every:
+                await asyncio.sleep(5.0)  # off; a reload may turn it on
+                continue
+            await asyncio.sleep(max(every, 0.5) * random.uniform(0.8, 1.2))
+            if self.stopping or self.running or self.pending or self.backoff or self.paused():
+                continue
+            cfg = self.cfg
+            self.probes += 1
+            tip, local, why, approvals = await asyncio.to_thread(
+                probe, os.path.join(cfg.state_dir, "mirror.git"), cfg.source,
+                lambda: self.stopping)
+            if tip is None:
+                log.debug("probe: %s", why, extra={"STAGE": "probe"})
+                continue
+            seen, self._probe_approvals = self._probe_approvals, approvals
+            awaiting = self.last is not None and self.last.awaiting
+            if tip != local or (awaiting and seen is not None and approvals != seen):
+                self.probe_hits += 1
+                what = "moved to" if tip != local else "has new approvals for"
+                log.info("probe: %s %s %s: running a cycle", cfg.source.branch, what,
+                         tip[:12], extra={"STAGE": "probe", "COMMIT": tip})
+                self.trigger("probe")
+
     def _summary(self) -> str:
         r = self.last
         if r is None:
@@ -374,6 +409,7 @@ class Daemon:
                 self._spawn(self.watcher.run())
             self._spawn(self._watchdog())
             self._spawn(self._heartbeat())
+            self._spawn(self._prober())
             notify("READY=1")
             notify("STATUS=started")
             log.info("daemon: ready on %s (host %s, interval %ss)", self.cfg.socket, self.host,

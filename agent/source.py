@@ -11,6 +11,7 @@ calls `tree()` only after verify.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 import pygit2
 
 from .config import LimitsConfig, SourceConfig
-from .errors import Exhausted, SourceError, TreeError, UsageError
+from .errors import AgentError, Exhausted, SourceError, TreeError, UsageError
 from .transport import callbacks_for
 from .urls import redact, scheme
 
@@ -360,6 +361,55 @@ class Mirror:
 
     def tree(self, commit: str, limits: LimitsConfig) -> TreeReader:
         return TreeReader(self.repo, commit, limits)
+
+
+def probe(mirror_path: str, source: SourceConfig, should_stop: Any = None
+          ) -> tuple[str | None, str | None, str, str]:
+    """A change probe: the branch's tip as the first URL that answers advertises it (one
+    ref advertisement, no pack), and the tip the mirror fetched last. Writes nothing, so
+    it may run while a cycle holds the state lock. Returns (remote tip or None, local
+    fetched tip or None, why the remote was not read, a digest of the tip's approval
+    refs as advertised)."""
+    from . import isolate
+
+    try:
+        repo = pygit2.Repository(mirror_path)
+    except (pygit2.GitError, OSError) as e:
+        return None, None, f"no mirror yet: {_clean(e)}"
+    ref = repo.references.get(FETCHED_REF)
+    local = str(ref.target) if ref is not None else None
+    want = f"refs/heads/{source.branch}"
+    errors = []
+
+    def one(url: str) -> tuple[str | None, str]:
+        remote = repo.remotes.create_anonymous(url)
+        cb = callbacks_for(url, source) if scheme(url) in ("ssh", "https") else None
+        if hasattr(remote, "list_heads"):
+            heads = [(h.name, str(h.oid)) for h in remote.list_heads(callbacks=cb)]
+        else:  # pygit2 < 1.15
+            heads = [(h["name"], str(h["oid"])) for h in remote.ls_remotes(callbacks=cb)]
+        tip = next((oid for name, oid in heads if name == want), None)
+        mine = sorted(f"{n} {o}" for n, o in heads if tip and n.startswith(
+            f"refs/approvals/{tip}/"))
+        return tip, hashlib.sha256("\n".join(mine).encode()).hexdigest()[:16]
+
+    pygit2.settings.server_connect_timeout = int(source.timeout * 1000)
+    pygit2.settings.server_timeout = int(source.timeout * 1000)
+    for url in (source.url, *source.mirrors):
+        try:
+            if scheme(url) == "local":
+                tip, approvals = one(url)
+            else:
+                tip, approvals = isolate.run(lambda _p, u=url: one(u),
+                                             timeout=source.timeout + 5, memory=None,
+                                             should_stop=should_stop or (lambda: False))
+        except (pygit2.GitError, OSError, ValueError, AgentError) as e:
+            errors.append(f"{redact(url)}: {_clean(e)}")
+            continue
+        if tip is not None:
+            return tip, local, "", approvals
+        errors.append(f"{redact(url)}: no branch {source.branch!r}")
+    return None, local, "; ".join(errors), ""
 
 
 def open_repo(path: str) -> Mirror:
