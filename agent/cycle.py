@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     from .health import Runner, Trial
 
 log = logging.getLogger("agent.cycle")
+
+# the daemon's last desired state, by state_dir: (render base, DesiredState). A long-lived
+# process renders a commit that changed only files/ incrementally (see _Cycle._render)
+_LAST_RENDER: dict[str, tuple[str, DesiredState]] = {}
 
 
 @dataclass
@@ -479,8 +484,33 @@ class _Cycle:
         # render (isolate, the Jinja2 glue) would add ~20 ms to every no-op process
         from .render import render
 
-        return render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
-                      self.facts, self.state.template_cache(), self.should_stop, self.keyring)
+        base = self._render_base()
+        previous = None
+        last = _LAST_RENDER.get(self.cfg.state_dir)
+        if last is not None and last[0] == base:
+            if last[1].commit == commit and not any(r.error for r in last[1].resources):
+                return last[1]  # rendering is pure: same inputs, same desired state
+            changed = (set() if last[1].commit == commit
+                       else self.mirror.changed_paths(last[1].commit, commit))
+            if changed is not None and all(p.startswith("files/") for p in changed):
+                previous = (last[1], changed)
+        desired = render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
+                         self.facts, self.state.template_cache(), self.should_stop,
+                         self.keyring, previous)
+        _LAST_RENDER[self.cfg.state_dir] = (base, desired)
+        return desired
+
+    def _render_base(self) -> str:
+        """Everything a render depends on besides the commit: with the same base, a new
+        commit that changed only files/ is rendered incrementally (render.rerender)."""
+        try:
+            st = os.stat(self.cfg.secrets.identity)
+            identity = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        except OSError:
+            identity = None
+        return json.dumps([self.name, sorted(self.labels.items()), self.facts.digest(),
+                           __version__, repr(self.cfg.limits), self.cfg.secrets.sops,
+                           self.cfg.secrets.identity, identity])
 
     def _render_healing(self, commit: str) -> DesiredState:
         """Render; if the mirror turns out damaged, fetch it anew and render once more."""

@@ -89,6 +89,11 @@ class DesiredState:
     health: dict[str, float] = field(default_factory=dict)
     # when this host may take a new plan: wave, bucket, windows, pause (rollout.py)
     rollout: dict[str, Any] = field(default_factory=dict)
+    # what each resource's content was made from: the files/ and secrets/ paths it read
+    # (its template's includes too). An incremental render remakes only the resources
+    # whose inputs a new commit changed (render.py)
+    inputs: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    remade: int | None = None  # incremental: how many contents were made again
 
     def by_id(self) -> dict[str, Resource]:
         return {r.identity: r for r in self.resources}

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import isolate, rollout
 from .config import parse_duration
-from .errors import RenderError, TreeError
+from .errors import AgentError, RenderError, TreeError
 from .facts import Facts
 from .model import DesiredState, Resource
 from .resources import KINDS, ROLE_KEYS
@@ -84,6 +84,8 @@ class Renderer:
         self.secrets = Placeholders(tree.read) if keyring is None else Source(tree.read,
                                                                               keyring)
         self._used: list[str] = []  # the secret files the content being made has read
+        self._read: list[str] = []  # every files/ and secrets/ path it has read
+        self.inputs: dict[str, tuple[str, ...]] = {}  # identity -> those paths
         self._secret_of: dict[str, tuple[str, ...]] = {}  # identity -> secret files used
         self._held: dict[str, str] = {}  # identity -> why its secret cannot be read here
 
@@ -219,6 +221,61 @@ class Renderer:
                     raise RenderError(f"render: more than {self.tree.limits.max_files} "
                                       f"resources (limits.max_files) at {res.identity} "
                                       f"({res.origin})")
+        state.inputs = {r.identity: self.inputs.get(r.identity, ()) for r in state.resources}
+        return state
+
+    def rerender(self, previous: DesiredState, changed: set[str]) -> DesiredState:
+        """`previous` (another commit's desired state for this same host, labels, facts
+        and identity) with the content of every resource whose inputs are in `changed`
+        made again. The caller checked that nothing but files/ changed, so the YAML, and
+        with it every declaration, vars, health and rollout, is the same. Raises
+        _Incomplete where the shortcut could differ from a full render."""
+        try:
+            self.tree.check()
+        except TreeError as e:
+            raise RenderError(f"render: {e}") from None
+        state = DesiredState(self.host, self.tree.commit, list(previous.roles),
+                             previous.vars, health=dict(previous.health),
+                             rollout=dict(previous.rollout), remade=0)
+        limits = self.tree.limits
+        for res in previous.resources:
+            inputs = previous.inputs.get(res.identity, ())
+            if res.error or not any(p in changed for p in inputs):
+                if res.error:
+                    raise _Incomplete("a held resource is always rendered again")
+                state.resources.append(res)
+                state.inputs[res.identity] = inputs
+                self._total += len(res.content or b"")
+                if self._total > limits.max_total_size:
+                    raise RenderError(f"render: rendered content exceeds "
+                                      f"limits.max_total_size ({limits.max_total_size} bytes) "
+                                      f"at {res.identity} ({res.origin})")
+                continue
+            key = next((k for k in ("source", "template", "secret")
+                        if isinstance(res.spec.get(k), str)), None)
+            if key is None:
+                raise _Incomplete(f"{res.identity} has inputs but no source")
+            path, _, line = res.origin.rpartition(":")
+            spec = LineDict(path, int(line) if line.isdigit() else 0)
+            spec[key] = res.spec[key]
+            if "format" in res.spec:
+                spec["format"] = res.spec["format"]
+            ident = res.identity
+            content = self._scoped(spec, key, ident, previous.vars)
+            new = Resource(res.kind, res.name, res.spec, res.origin, content)
+            if ident in self._secret_of:
+                new.secrets = self._secret_of[ident]
+                if ident in self._held:
+                    new.error = self._held[ident]
+                else:
+                    new.secret = self.secrets.fingerprint(content)
+            if bool(new.secrets) != bool(res.secrets):
+                # a file that starts or stops reading secrets changes its default mode,
+                # which only the declaration's parse decides
+                raise _Incomplete(f"{ident} started or stopped reading secrets")
+            state.resources.append(new)
+            state.inputs[ident] = self.inputs[ident]
+            state.remade = (state.remade or 0) + 1
         return state
 
     def _health(self, doc: LineDict, what: str, into: dict[str, float]) -> None:
@@ -272,12 +329,15 @@ class Renderer:
         """A content; one whose secret cannot be read here holds that resource only (its
         error goes with it, the rest of the revision renders)."""
         self._used = []
+        self._read = []
         try:
             data = self._content(spec, key, ident, variables)
         except SecretError as e:
             self._held[ident] = str(e)
             self._secret_of[ident] = tuple(dict.fromkeys(self._used)) or ("?",)
             return b""
+        finally:
+            self.inputs[ident] = tuple(dict.fromkeys(self._read + self._used))
         if self._used:
             self._secret_of[ident] = tuple(dict.fromkeys(self._used))
         return data
@@ -299,6 +359,7 @@ class Renderer:
             fmt = spec.get("format")
             return self._bounded(self.secrets.file(rel, fmt, where), ident, where)
         path = f"files/{rel}"
+        self._read.append(path)
         try:
             if key == "source":
                 return self._bounded(self.tree.read(path), ident, where)
@@ -327,8 +388,17 @@ class Renderer:
         if self._env is None:
             from jinja2.sandbox import SandboxedEnvironment
 
+            renderer = self
+
+            class Env(SandboxedEnvironment):
+                def _load_template(self, name: Any, globals: Any) -> Any:
+                    # every template a render loads, includes and imports too, also when
+                    # they come from the environment's cache: the inputs of the resource
+                    renderer._read.append(f"files/{name}")
+                    return super()._load_template(name, globals)
+
             cache = self.bytecode_cache
-            self._env = SandboxedEnvironment(
+            self._env = Env(
                 loader=_TreeLoader(self.tree).make(), undefined=jinja2.StrictUndefined,
                 keep_trailing_newline=True, autoescape=False, bytecode_cache=cache)
         context = {**variables, "host": {"name": self.host, "labels": dict(self.labels)},
@@ -360,6 +430,10 @@ class Renderer:
             raise RenderError(f"render: template files/{rel}{line} failed: "
                               f"{type(e).__name__}: {text} (used by {ident} at {where})"
                               ) from None
+
+
+class _Incomplete(AgentError):
+    """An incremental render cannot stand for a full one here: render in full."""
 
 
 class _Secrets:
@@ -401,7 +475,8 @@ def _template_line(e: BaseException, filename: str) -> str:
 
 def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
            bytecode_cache: Any = None, should_stop: Any = None,
-           keyring: Keyring | None = None) -> DesiredState:
+           keyring: Keyring | None = None,
+           previous: tuple[DesiredState, set[str]] | None = None) -> DesiredState:
     """Render in a forked child bounded by limits.render_timeout and render_memory: a
     template that loops or grows for ever is a one-line RenderError, not a hung agent."""
     import jinja2.sandbox  # noqa: F401 - imported once here, not in every forked child
@@ -413,6 +488,12 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
         raise RenderError(f"render: {e}") from None
 
     def work(progress: Any) -> DesiredState:
+        if previous is not None:  # (the last desired state, the paths changed since)
+            try:
+                return Renderer(tree, host, labels, facts, bytecode_cache, progress,
+                                keyring).rerender(*previous)
+            except _Incomplete:
+                pass
         return Renderer(tree, host, labels, facts, bytecode_cache, progress,
                         keyring).render()
 

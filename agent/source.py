@@ -259,6 +259,20 @@ class Mirror:
         self.repo.references.create(ref, oid, force=True)
         return ref
 
+    def changed_paths(self, old: str, new: str) -> set[str] | None:
+        """The paths whose blobs differ between two commits' trees (both names of a
+        rename); None when that cannot be told."""
+        try:
+            a = self.repo[old].peel(pygit2.Commit).tree
+            b = self.repo[new].peel(pygit2.Commit).tree
+            out: set[str] = set()
+            for delta in self.repo.diff(a, b).deltas:
+                out.add(delta.old_file.path)
+                out.add(delta.new_file.path)
+            return out
+        except (KeyError, ValueError, pygit2.GitError):
+            return None
+
     def tree_id(self, commit: str) -> str:
         return str(self.repo[commit].peel(pygit2.Commit).tree_id)
 
