@@ -691,42 +691,21 @@ def client_verb(socket_path: str, args: Any) -> int:
     return 0
 
 
+# the verbs done in this process; every other verb talks to the daemon (cmd_control)
+_VERBS: dict[str, Any] = {
+    "apply": cmd_apply, "plan": lambda args: cmd_apply(args, plan_only=True),
+    "render": cmd_render, "history": cmd_history, "verify": cmd_verify, "run": cmd_run,
+    "check": cmd_check, "quarantine": cmd_quarantine, "fleet": cmd_fleet,
+    "keygen": cmd_keygen, "recipient": cmd_recipient, "secrets": cmd_secrets,
+    "approve": cmd_approve, "approvals": cmd_approvals, "pin": cmd_pin, "unpin": cmd_pin,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         _setup_logging(args.verbose)
-        verb = args.verb
-        if verb == "apply":
-            return cmd_apply(args)
-        if verb == "plan":
-            return cmd_apply(args, plan_only=True)
-        if verb == "render":
-            return cmd_render(args)
-        if verb == "history":
-            return cmd_history(args)
-        if verb == "verify":
-            return cmd_verify(args)
-        if verb == "run":
-            return cmd_run(args)
-        if verb == "check":
-            return cmd_check(args)
-        if verb == "quarantine":
-            return cmd_quarantine(args)
-        if verb == "fleet":
-            return cmd_fleet(args)
-        if verb == "keygen":
-            return cmd_keygen(args)
-        if verb == "recipient":
-            return cmd_recipient(args)
-        if verb == "secrets":
-            return cmd_secrets(args)
-        if verb == "approve":
-            return cmd_approve(args)
-        if verb in ("pin", "unpin"):
-            return cmd_pin(args)
-        if verb == "approvals":
-            return cmd_approvals(args)
-        return cmd_control(args)
+        return _VERBS.get(args.verb, cmd_control)(args)
     except AgentError as e:
         print(f"gitops-agent: {e}", file=sys.stderr)
         return e.exit_code
