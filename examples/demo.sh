@@ -48,7 +48,21 @@ say "7. drift: someone edits a managed file; the next cycle puts it back"
 echo "hacked" > "$demo/root/etc/motd"
 "$agent" apply --config "$cfg"
 
-say "8. an UNSIGNED commit is refused; the host stays on last good"
+say "8. a secret: the host's own age key; a file encrypted to it; never shown in clear"
+"$agent" keygen --identity "$demo/age.key"
+mkdir -p "$demo/work/secrets"
+printf 'correct horse battery staple\n' \
+    | age -r "$("$agent" recipient --identity "$demo/age.key")" -o "$demo/work/secrets/db.pass.age"
+printf 'files:\n  /etc/app/db.pass: {secret: secrets/db.pass.age}\n' \
+    >> "$demo/work/hosts/web-01.yaml"
+g add -A && g commit -q -S -m "web-01: the database password, age-encrypted" && g push -q origin main
+"$agent" plan --config "$cfg"
+"$agent" apply --config "$cfg"
+ls -l "$demo/root/etc/app/db.pass"
+if grep -rqs "correct horse" "$demo/state"; then echo "plaintext in state_dir!"; exit 1; fi
+echo "state_dir holds no plaintext"
+
+say "9. an UNSIGNED commit is refused; the host stays on last good"
 echo "# sneaky" >> "$demo/work/roles/base.yaml"
 git -C "$demo/work" -c user.name=Mallory -c user.email=m@example.com commit -q -am "unsigned"
 git -C "$demo/work" push -q origin main

