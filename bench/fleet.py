@@ -5,10 +5,10 @@ TCP relay. Prints the RSS per idle agent, the server's CPU and bytes per poll (a
 probe), and after a signed push the time until 50%, 99% and 100% of hosts converged.
 
     .venv/bin/python bench/fleet.py [--hosts 100] [--interval 30s] [--probe 5s|off]
-                                    [--idle 60] [--batch 20]
+                                    [--idle 60] [--batch 20] [--server git|https]
 
-What it does not do (said in the README's scaling section): HTTPS through nginx, and
-the SFTP report drop's load.
+`--server https`: Debian's apache2 serving `git http-backend` over TLS (bench/apache.py)
+instead of `git daemon`. What it does not do: the SFTP report drop's load.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class Relay:
 
 
 def server_cpu(proc: psutil.Process) -> float:
-    """git daemon's CPU seconds, its reaped children (upload-pack) included."""
+    """The server's CPU seconds: git daemon (or apache2) and every process under it, the
+    reaped ones (upload-pack, the http-backend CGIs) included."""
     t = proc.cpu_times()
     total = t.user + t.system + t.children_user + t.children_system
     for child in proc.children(recursive=True):
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--probe", default="5s", help="source.probe_interval, or off")
     ap.add_argument("--idle", type=float, default=60, help="seconds of idle measurement")
     ap.add_argument("--batch", type=int, default=20, help="agents started at once")
+    ap.add_argument("--server", choices=("git", "https"), default="git")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gitops-fleet-"))
     procs: list[subprocess.Popen] = []
@@ -151,13 +153,23 @@ def main() -> None:
         git(tmp, "clone", "-q", "--bare", str(work), str(tmp / "srv/fleet.git"))
         git(work, "remote", "add", "origin", str(tmp / "srv/fleet.git"))
         port = free_port()
-        gitd = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all",
-                                 "--listen=127.0.0.1", f"--port={port}", "--max-connections=0",
-                                 f"--base-path={tmp / 'srv'}", str(tmp / "srv")],
-                                stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        relay = Relay(port)
-        url = f"git://127.0.0.1:{relay.port}/fleet.git"
+        ca = None
+        if args.server == "https":
+            from apache import ApacheGit
+
+            apache = ApacheGit(tmp, tmp / "srv", port)
+            apache.start()
+            gitd = apache.proc
+            relay = Relay(port)
+            url, ca = apache.url("fleet.git", relay.port), str(apache.ca)
+        else:
+            gitd = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all",
+                                     "--listen=127.0.0.1", f"--port={port}",
+                                     "--max-connections=0", f"--base-path={tmp / 'srv'}",
+                                     str(tmp / "srv")], stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            relay = Relay(port)
+            url = f"git://127.0.0.1:{relay.port}/fleet.git"
         socks = []
         t_start = time.monotonic()
         for i in range(args.hosts):
@@ -172,6 +184,8 @@ def main() -> None:
                    "interval": args.interval, "jitter": "5s", "drift": "off"}
             if args.probe != "off":
                 cfg["source"]["probe_interval"] = args.probe
+            if ca:
+                cfg["source"]["ca_bundle"] = ca
             (h / "agent.yaml").write_text(json.dumps(cfg))
             procs.append(subprocess.Popen(agent_argv("run", "--config", str(h / "agent.yaml")),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -236,7 +250,8 @@ def main() -> None:
         sp1 = server_cpu(gproc)
         cp1, dp1, _ = relay.snapshot()
         lat = sorted(at.values())
-        print(f"{args.hosts} agents (daemons) on one git daemon, interval {args.interval} "
+        server = "apache2 + git http-backend over HTTPS" if ca else "git daemon"
+        print(f"{args.hosts} agents (daemons) on one {server}, interval {args.interval} "
               f"(jitter 5s), probe {args.probe}, {psutil.cpu_count()} CPUs, "
               f"{psutil.virtual_memory().total >> 30} GiB")
         print(f"started and converged the first commit in {started:.0f}s")
@@ -270,7 +285,11 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         if gitd is not None:
-            gitd.kill()
+            gitd.terminate()
+            try:
+                gitd.wait(20)
+            except subprocess.TimeoutExpired:
+                gitd.kill()
         for i in range(args.hosts):
             try:
                 os.unlink(f"/tmp/gf-{os.getpid()}-{i}.sock")
