@@ -6,9 +6,11 @@ probe), and after a signed push the time until 50%, 99% and 100% of hosts conver
 
     .venv/bin/python bench/fleet.py [--hosts 100] [--interval 30s] [--probe 5s|off]
                                     [--idle 60] [--batch 20] [--server git|https]
+                                    [--reports]
 
 `--server https`: Debian's apache2 serving `git http-backend` over TLS (bench/apache.py)
-instead of `git daemon`. What it does not do: the SFTP report drop's load.
+instead of `git daemon`. `--reports`: every agent also reports to one SFTP drop, a real
+OpenSSH sshd on 127.0.0.1 behind its own counting relay; its load is printed too.
 """
 
 from __future__ import annotations
@@ -106,6 +108,28 @@ def server_cpu(proc: psutil.Process) -> float:
     return total
 
 
+def start_sshd(tmp: Path) -> tuple[subprocess.Popen, int, Path, Path]:
+    """A real sshd serving SFTP on 127.0.0.1: (process, port, client key, host key)."""
+    d = tmp / "sshd"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
+                       check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"PidFile {d / 'sshd.pid'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        "StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "MaxStartups 1000:30:2000\nSubsystem sftp internal-sftp\nLogLevel ERROR\n")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                            stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, port, d / "client_key", d / "host_key.pub"
+
+
 def status(sock: str) -> dict:
     try:
         return request(sock, {"verb": "status"}, 5)
@@ -126,6 +150,7 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=60, help="seconds of idle measurement")
     ap.add_argument("--batch", type=int, default=20, help="agents started at once")
     ap.add_argument("--server", choices=("git", "https"), default="git")
+    ap.add_argument("--reports", action="store_true", help="report to an SFTP drop")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gitops-fleet-"))
     procs: list[subprocess.Popen] = []
@@ -170,6 +195,18 @@ def main() -> None:
             time.sleep(0.5)
             relay = Relay(port)
             url = f"git://127.0.0.1:{relay.port}/fleet.git"
+        sshd = drop_relay = None
+        report_cfg: dict = {}
+        if args.reports:
+            sshd, sport, client_key, host_pub = start_sshd(tmp)
+            drop_relay = Relay(sport)
+            (tmp / "drop").mkdir()
+            known = tmp / "known_hosts"
+            known.write_text(f"[127.0.0.1]:{drop_relay.port} "
+                             + " ".join(host_pub.read_text().split()[:2]) + "\n")
+            report_cfg = {"sftp": {"host": "127.0.0.1", "port": drop_relay.port,
+                                   "user": "root", "key": str(client_key),
+                                   "known_hosts": str(known), "dir": str(tmp / "drop")}}
         socks = []
         t_start = time.monotonic()
         for i in range(args.hosts):
@@ -186,6 +223,8 @@ def main() -> None:
                 cfg["source"]["probe_interval"] = args.probe
             if ca:
                 cfg["source"]["ca_bundle"] = ca
+            if report_cfg:
+                cfg["report"] = report_cfg
             (h / "agent.yaml").write_text(json.dumps(cfg))
             procs.append(subprocess.Popen(agent_argv("run", "--config", str(h / "agent.yaml")),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -220,11 +259,16 @@ def main() -> None:
 
         c0, d0, u0 = relay.snapshot()
         s0, a0 = server_cpu(gproc), agents_cpu()
+        sproc = psutil.Process(sshd.pid) if sshd is not None else None
+        r0 = drop_relay.snapshot() if drop_relay else (0, 0, 0)
+        q0 = server_cpu(sproc) if sproc else 0.0
         p0 = sum(status(s).get("probes", 0) for s in socks)
         cy0 = sum(status(s).get("cycles", 0) for s in socks)
         time.sleep(args.idle)
         c1, d1, u1 = relay.snapshot()
         s1, a1 = server_cpu(gproc), agents_cpu()
+        r1 = drop_relay.snapshot() if drop_relay else (0, 0, 0)
+        q1 = server_cpu(sproc) if sproc else 0.0
         p1 = sum(status(s).get("probes", 0) for s in socks)
         cy1 = sum(status(s).get("cycles", 0) for s in socks)
         conns = max(c1 - c0, 1)
@@ -271,6 +315,13 @@ def main() -> None:
             print("push to converged: no host converged in time")
         print(f"  during the rollout: server CPU {sp1 - sp0:.2f}s, {cp1 - cp0} connections, "
               f"{(dp1 - dp0) / 2**20:.2f} MiB sent")
+        if sproc is not None:
+            n = max(r1[0] - r0[0], 1)
+            print(f"report drop (sshd, SFTP) idle {args.idle:.0f}s: {r1[0] - r0[0]} sessions "
+                  f"({(r1[0] - r0[0]) / args.idle:.1f}/s), sshd CPU {q1 - q0:.2f}s "
+                  f"({(q1 - q0) / args.idle * 100:.1f}% of a CPU); per session "
+                  f"{(q1 - q0) / n * 1000:.1f} ms CPU, {(r1[2] - r0[2]) / n:.0f} B received, "
+                  f"{(r1[1] - r0[1]) / n:.0f} B sent")
         per_s = (c1 - c0) / args.idle
         if per_s:
             print(f"extrapolated, same mix: 1,000 hosts = {per_s * 1000 / args.hosts:.0f} "
@@ -284,6 +335,8 @@ def main() -> None:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if args.reports and sshd is not None:
+            sshd.terminate()
         if gitd is not None:
             gitd.terminate()
             try:
