@@ -95,6 +95,7 @@ class Daemon:
         self.tasks: set[asyncio.Task] = set()
         self._sigint = 0
         self._flushing = False
+        self._reported = ""  # report.material() of the last report queued for the drop
         self.probes = 0  # change probes sent (source.probe_interval)
         self._probe_approvals: str | None = None  # the tip's approval refs, last probe
         self.probe_hits = 0  # probes that found the branch moved
@@ -246,15 +247,24 @@ class Daemon:
                 fut.set_result(result.to_json())
         if self.watcher is not None:
             self.watcher.refresh()
-        self._report()
+        self._report(heartbeat=False)
 
-    def _report(self) -> None:
-        """Hand the status to the report sinks; never delays or fails a cycle."""
+    def _report(self, heartbeat: bool = True) -> None:
+        """Hand the status to the report sinks; never delays or fails a cycle. After a
+        cycle the drop gets a report only when something in it that a fleet view reads
+        changed (a no-op poll every 30 s from every host would be an SSH session each);
+        the heartbeat sends one regardless, so a silent host still shows up as stale."""
+        status = self.status()
+        material = report.material(status)
+        queue = heartbeat or material != self._reported
         try:
-            report.after_cycle(self.cfg, self.status(), self.last)
+            report.after_cycle(self.cfg, status, self.last, queue=queue)
         except Exception as e:  # noqa: BLE001 - reporting must never break the daemon
             log.warning("report: %s", e, extra={"STAGE": "report"})
-        if self.cfg.report.sftp is not None and not self._flushing:
+            return
+        if queue:
+            self._reported = material
+        if queue and self.cfg.report.sftp is not None and not self._flushing:
             self._flushing = True  # set before the task runs: one flush at a time
             self._spawn(self._flush())
 

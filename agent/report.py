@@ -151,8 +151,32 @@ def send_now(cfg: Config, status: dict[str, Any], last: CycleResult | None,
                     e or type(e).__name__)
 
 
-def after_cycle(cfg: Config, status: dict[str, Any], last: CycleResult | None) -> None:
-    """Local sinks, synchronous and quick: the metrics textfile and the report queue."""
+# what a report says that a fleet view reads; the rest (timers, counters, timings)
+# changes every cycle and is no reason to send one
+_MATERIAL = ("host", "labels", "version", "state", "applied_commit", "signer", "last_good",
+             "fetched_tip", "offline_since", "rejected", "paused", "config_error",
+             "rolled_back", "recovered", "degraded", "quarantine", "waiting", "pinned",
+             "rollout", "checks")
+_MATERIAL_CYCLE = ("state", "commit", "tip", "failed", "errors", "offline",
+                   "rejected", "rolled_back", "quarantined", "waiting", "halted", "pinned")
+
+
+def material(status: dict[str, Any]) -> str:
+    """A digest of what a report says that matters to the fleet (report.py's _MATERIAL)."""
+    import hashlib
+    import json
+
+    lc = status.get("last_cycle") or {}
+    data = [{k: status.get(k) for k in _MATERIAL},
+            {k: lc.get(k) for k in _MATERIAL_CYCLE}]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()
+                          ).hexdigest()
+
+
+def after_cycle(cfg: Config, status: dict[str, Any], last: CycleResult | None,
+                queue: bool = True) -> None:
+    """Local sinks, synchronous and quick: the metrics textfile and (when `queue`) the
+    report queue."""
     if cfg.report.metrics_textfile:
         extra = {"verification_failures": _count_rejections(cfg),
                  "tip_time": getattr(last, "commit_time", 0)}
@@ -160,7 +184,7 @@ def after_cycle(cfg: Config, status: dict[str, Any], last: CycleResult | None) -
             write_metrics(cfg.report.metrics_textfile, metrics_text(status, last, extra))
         except OSError as e:
             log.warning("report: cannot write %s: %s", cfg.report.metrics_textfile, e)
-    if cfg.report.sftp is not None:
+    if cfg.report.sftp is not None and queue:
         StateDir(cfg.state_dir).report_queue().put(status)
 
 

@@ -243,3 +243,64 @@ def test_a_rollback_in_metrics_the_report_drop_and_fleet_status(tmp_path, fleet,
     assert report["trial"]["failing"]["name"] == "gone"
     p = agent("fleet", "status", "--reports", str(drop), check=1)
     assert "1 rolled back" in p.stdout and "rolled back to" in p.stdout
+
+
+def test_no_op_cycles_send_no_report_only_changes_and_heartbeats_do(tmp_path, fleet, sshd):
+    """A fleet of hosts polling every 30 s must not open an SSH session to the drop per
+    poll: a cycle reports when something a fleet view reads changed."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from agent.control import request
+    from agent.daemon import Daemon
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = report_config(tmp_path, fleet, sshd, drop, "web-01")
+    sockdir = Path(tempfile.mkdtemp(prefix="ga-sock-"))
+    data = yaml.safe_load(cfg.read_text())
+    data.update(interval="1h", socket=str(sockdir / "a.sock"))
+    data["report"]["heartbeat"] = "1h"
+    cfg.write_text(yaml.safe_dump(data))
+    history = drop / "web-01.history.jsonl"
+
+    def reports() -> int:
+        return len(history.read_text().splitlines()) if history.exists() else 0
+
+    async def until(pred) -> None:
+        deadline = time.time() + 20
+        while not pred() and time.time() < deadline:
+            await asyncio.sleep(0.1)
+        assert pred()
+
+    async def sync() -> dict:
+        return await asyncio.to_thread(request, str(sockdir / "a.sock"),
+                                       {"verb": "sync", "wait": True}, 60)
+
+    async def main() -> None:
+        d = Daemon(str(cfg))
+        task = asyncio.ensure_future(d.run())
+        await until(lambda: reports() == 1)
+        for _ in range(3):  # no-op cycles: nothing new to say
+            await sync()
+        await asyncio.sleep(1.0)
+        assert reports() == 1
+        assert (tmp_path / "web-01.prom").exists()  # the local sink is still written
+        fleet.commit("next", files={"hosts/web-01.yaml": "vars: {worker_processes: 3}\n"},
+                     push=True)
+        await sync()
+        await until(lambda: reports() == 2)
+        d._report()  # the heartbeat reports regardless
+        await until(lambda: reports() == 3)
+        d.stop()
+        assert await asyncio.wait_for(task, 30) == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+    lines = [json.loads(x) for x in history.read_text().splitlines()]
+    assert lines[1]["applied_commit"] == fleet.head() != lines[0]["applied_commit"]
