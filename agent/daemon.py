@@ -254,10 +254,10 @@ class Daemon:
         cycle the drop gets a report only when something in it that a fleet view reads
         changed (a no-op poll every 30 s from every host would be an SSH session each);
         the heartbeat sends one regardless, so a silent host still shows up as stale."""
-        status = self.status()
-        material = report.material(status)
-        queue = heartbeat or material != self._reported
         try:
+            status = self.status()
+            material = report.material(status)
+            queue = heartbeat or material != self._reported
             report.after_cycle(self.cfg, status, self.last, queue=queue)
         except Exception as e:  # noqa: BLE001 - reporting must never break the daemon
             log.warning("report: %s", e, extra={"STAGE": "report"})
