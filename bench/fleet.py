@@ -282,6 +282,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True).stdout.strip()
         sp0 = server_cpu(gproc)
         cp0, dp0, _ = relay.snapshot()
+        rp0 = drop_relay.snapshot() if drop_relay else (0, 0, 0)
+        qp0 = server_cpu(sproc) if sproc else 0.0
         t0 = time.monotonic()
         git(work, "push", "-q", "origin", "main")
         at: dict[str, float] = {}
@@ -291,8 +293,11 @@ def main() -> None:
                 if s not in at and status(s).get("applied_commit") == new:
                     at[s] = time.monotonic() - t0
             time.sleep(0.2)
+        time.sleep(5 if drop_relay else 0)  # the last hosts' reports
         sp1 = server_cpu(gproc)
         cp1, dp1, _ = relay.snapshot()
+        rp1 = drop_relay.snapshot() if drop_relay else (0, 0, 0)
+        qp1 = server_cpu(sproc) if sproc else 0.0
         lat = sorted(at.values())
         server = "apache2 + git http-backend over HTTPS" if ca else "git daemon"
         print(f"{args.hosts} agents (daemons) on one {server}, interval {args.interval} "
@@ -322,6 +327,10 @@ def main() -> None:
                   f"({(q1 - q0) / args.idle * 100:.1f}% of a CPU); per session "
                   f"{(q1 - q0) / n * 1000:.1f} ms CPU, {(r1[2] - r0[2]) / n:.0f} B received, "
                   f"{(r1[1] - r0[1]) / n:.0f} B sent")
+            n = max(rp1[0] - rp0[0], 1)
+            print(f"report drop during the rollout: {rp1[0] - rp0[0]} sessions, sshd CPU "
+                  f"{qp1 - qp0:.2f}s; per session {(qp1 - qp0) / n * 1000:.1f} ms CPU, "
+                  f"{(rp1[2] - rp0[2]) / n:.0f} B received, {(rp1[1] - rp0[1]) / n:.0f} B sent")
         per_s = (c1 - c0) / args.idle
         if per_s:
             print(f"extrapolated, same mix: 1,000 hosts = {per_s * 1000 / args.hosts:.0f} "
