@@ -104,6 +104,9 @@ def leaks(*places: Path | str, managed: tuple[Path, ...] = ()) -> list[str]:
         if isinstance(place, str):
             found += [f"output: {s}" for s in ALL if s in place]
             continue
+        if place.is_file():
+            found += [f"{place}: {s}" for s in ALL if s.encode() in place.read_bytes()]
+            continue
         for dirpath, _, names in os.walk(place):
             for name in names:
                 p = Path(dirpath) / name
@@ -407,18 +410,23 @@ def test_rollback_and_takeover_backup_keep_secrets_sealed(host, tmp_path):
     out, text = apply(h)
     backups = list((h["state"] / "backup").iterdir())
     assert len(backups) == 1 and json.loads(backups[0].read_text())["sealed"] is True
-    # a new value and a failing health check: the rollback puts the old secret back
+    # a new value and a failing health check: the rollback puts the old secret back. A
+    # first check copies the journal's prior contents while the trial holds them
     marker = tmp_path / "healthy"
+    grab = tmp_path / "blobs-during-trial"
     (h["fleet"].work / "secrets/db.pass.age").write_bytes(
         age_encrypt(f"{SOPS_PASS}\n".encode(), "-r", h["recipient"]))
     h["fleet"].write({
         "fleet.yaml": "health: {window: 0.5s, timeout: 2s, interval: 0.2s}\n"
                       "groups:\n  - roles: [app]\n",
         "roles/app.yaml": (h["fleet"].work / "roles/app.yaml").read_text()
-        + f"checks:\n  marker: {{command: [/usr/bin/test, -e, {marker}]}}\n"})
+        + f"checks:\n  grab: {{command: [/bin/cp, {h['state']}/journal.blobs, {grab}]}}\n"
+        + f"  marker: {{command: [/usr/bin/test, -e, {marker}]}}\n"})
     h["fleet"].commit("new value, failing check", push=True)
     out, text2 = apply(h, check=1)
     assert out["state"] == "rolled-back", text2
+    assert grab.read_bytes().startswith(b"age-encryption.org/v1")  # sealed prior content
+    assert leaks(grab) == []
     assert (root / "etc/app/db.pass").read_text() == f"{DB_PASS}\n"
     # the journal's prior contents were sealed: the state dir never held either value
     assert leaks(h["state"], text, text2) == []
@@ -565,3 +573,39 @@ def test_secrets_recipients_and_check_for_ci(host):
     h["fleet"].commit("encrypt to db-01 as well", push=True)
     p = agent("secrets", "check", "--repo", repo, check=0)
     assert "0 certainly not encrypted" in p.stdout
+
+
+def test_a_unit_rendered_from_secrets_is_a_secret_file_too(host):
+    """units: {x.service: {template: ...}} reading secrets.NAME: written 0600, never
+    diffed, its prior content sealed (a unit file is world-readable by default)."""
+    h = host
+    write_secrets(h, role="units:\n  app.service: {template: app.service.j2}\n")
+    h["fleet"].write({"files/app.service.j2":
+                      "[Service]\nEnvironment=DB_PASSWORD={{ secrets.db.password }}\n"
+                      "ExecStart=/bin/true\n"})
+    h["fleet"].commit("unit with a secret", push=True)
+    plan = human(h, "plan", check=None)
+    assert "unit[app.service]: create (secret hmac-sha256:" in plan, plan
+    out, text = apply(h, check=None)
+    unit = h["root"] / "etc/systemd/system/app.service"
+    assert DB_USER_PASS in unit.read_text()
+    assert oct(unit.stat().st_mode & 0o777) == "0o600"
+    # a new value: no diff, and the old content is kept sealed for a rollback. A health
+    # check copies the journal's prior contents while the trial holds the journal open
+    grab = h["tmp"] / "blobs-during-trial"
+    (h["fleet"].work / "secrets/db.yaml.age").write_bytes(age_encrypt(
+        f"user: app\npassword: {API_TOKEN}\n".encode(), "-r", h["recipient"]))
+    h["fleet"].write({
+        "fleet.yaml": "health: {window: 0.2s, timeout: 5s, interval: 0.1s}\n"
+                      "groups:\n  - roles: [app]\n",
+        "roles/app.yaml": (h["fleet"].work / "roles/app.yaml").read_text()
+        + f"checks:\n  grab: {{command: [/bin/cp, {h['state']}/journal.blobs, {grab}]}}\n"})
+    h["fleet"].commit("rotate", push=True)
+    plan2 = human(h, "plan", check=None)
+    assert "unit[app.service]: secret changed (hmac-sha256:" in plan2, plan2
+    out, text2 = apply(h, check=None)
+    assert out["trial"]["ok"], out["trial"]
+    assert API_TOKEN in unit.read_text()
+    blobs = grab.read_bytes()
+    assert blobs.startswith(b"age-encryption.org/v1")  # the old unit, sealed
+    assert leaks(h["state"], grab, plan, plan2, text, text2, managed=(unit,)) == []

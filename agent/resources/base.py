@@ -46,10 +46,10 @@ class Env:
     secret_ids: set[str] = field(default_factory=set)
     _helpers: dict[str, Any] = field(default_factory=dict)
 
-    def seal(self, ident: str, data: bytes) -> tuple[bytes, bool]:
-        """(what to keep, sealed?): a secret's content is kept only encrypted to the
-        host's own recipient."""
-        if ident not in self.secret_ids:
+    def seal(self, ident: str, data: bytes, secret: bool = False) -> tuple[bytes, bool]:
+        """(what to keep, sealed?): a secret's content (`ident` in secret_ids, or
+        `secret`) is kept only encrypted to the host's own recipient."""
+        if ident not in self.secret_ids and not secret:
             return data, False
         if self.keyring is None:
             raise ApplyError(f"{ident}: no host identity to seal a copy of a secret with")

@@ -140,7 +140,7 @@ def _takeover(res: Resource, st: os.stat_result | None, ctx: Ctx,
         data = ctx.host.read(res.name)
         sealed = False
         if ctx.env is not None:
-            data, sealed = ctx.env.seal(res.identity, data)
+            data, sealed = ctx.env.seal(res.identity, data, bool(res.secrets))
         name = ctx.state.save_backup(res.name, data, stat.S_IMODE(st.st_mode), st.st_uid,
                                      st.st_gid, sealed=sealed)
         return {"backup": name, "created": False}

@@ -231,11 +231,20 @@ class UnitKind(Kind):
         return unit_path(name)
 
     def _as_file(self, res: Resource) -> Resource:
-        return Resource("file", unit_path(res.name), {"state": "present", "mode": "0644"},
-                        res.origin, res.content)
+        # a unit rendered from secrets is a secret file: 0600 (systemd reads it as root),
+        # never diffed, its prior contents sealed
+        mode = "0600" if res.secrets else "0644"
+        return Resource("file", unit_path(res.name), {"state": "present", "mode": mode},
+                        res.origin, res.content, secret=res.secret, secrets=res.secrets)
 
     def _ctx(self, ident: str, env: Env) -> FileCtx:
-        return FileCtx(env.host, env.state, env.old.get(ident, {}))
+        return FileCtx(env.host, env.state, env.old.get(ident, {}), env)
+
+    def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
+        entry = super().record(res, change)
+        if entry is not None and res.secrets:
+            entry["secret"] = True  # its prune shows no content either
+        return entry
 
     def check(self, res: Resource, observed: Any, env: Env) -> Change:
         change = file_check(self._as_file(res), self._ctx(res.identity, env))
@@ -266,7 +275,8 @@ class UnitKind(Kind):
         return reload_if_needed(env)
 
     def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
-        return snapshot_path(env.host, env.state, unit_path(name))
+        return snapshot_path(env.host, env.state, unit_path(name),
+                             lambda data: env.seal(ident, data))
 
     def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
                 env: Env) -> list[Change]:
