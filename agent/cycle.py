@@ -497,6 +497,10 @@ class _Cycle:
         desired = render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
                          self.facts, self.state.template_cache(), self.should_stop,
                          self.keyring, previous)
+        if desired.remade is not None:
+            log.info("render: incremental, %d of %d contents made again (the rest did not "
+                     "read a changed path)", desired.remade, len(desired.resources),
+                     extra={"COMMIT": commit, "STAGE": "render"})
         _LAST_RENDER[self.cfg.state_dir] = (base, desired)
         return desired
 

@@ -131,3 +131,29 @@ def test_incremental_render_equals_a_full_render(tmp_path_factory, steps):
     # the inputs of a template name its includes and imports
     assert {"files/t1.j2", "files/parts/p1.j2", "files/macros.j2"} <= set(
         prev.inputs["file[/etc/t1.conf]"])
+
+
+def test_the_daemon_renders_a_files_only_commit_incrementally_and_says_so(tmp_path, caplog):
+    """In one process (the daemon runs cycles so), a commit that changed one static file
+    remakes one content; the host ends exactly as after a full render."""
+    import logging
+
+    from conftest import Fleet, write_config
+
+    from agent.config import load_file
+    from agent.cycle import _LAST_RENDER, run_cycle
+
+    fleet = Fleet(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = load_file(str(write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
+                                     state_dir=tmp_path / "state")))
+    _LAST_RENDER.clear()
+    assert run_cycle(cfg)[0].state == "converged"
+    fleet.commit("motd", files={"files/motd.j2": "changed {{ host.name }}\n"}, push=True)
+    with caplog.at_level(logging.INFO, logger="agent.cycle"):
+        result, _ = run_cycle(cfg)
+    assert result.state == "converged", result.errors
+    assert (root / "etc/motd").read_text() == "changed web-01\n"
+    assert any("render: incremental, 1 of" in r.getMessage() for r in caplog.records)
+    _LAST_RENDER.clear()
