@@ -4,51 +4,20 @@ directory (no /etc/apache2, no systemd unit); runs until stop()."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+# the tests' throwaway CA (cryptography): one certificate maker, not two
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from httpsgit import make_ca  # noqa: E402
+
 MODULES = ("mpm_event", "authz_core", "ssl", "socache_shmcb", "cgid", "alias",
            "env")
-
-
-def make_ca(d: Path) -> tuple[Path, Path, Path]:
-    """A CA and a certificate for 127.0.0.1: (ca.pem, cert.pem, key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=7))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=7))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (d / "cert.pem").write_bytes(cert.public_bytes(pem))
-    (d / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    return d / "ca.pem", d / "cert.pem", d / "key.pem"
 
 
 class ApacheGit:
@@ -57,7 +26,7 @@ class ApacheGit:
         self.dir.mkdir()
         os.chmod(self.dir, 0o755)
         self.port = port
-        self.ca, cert, key = make_ca(self.dir)
+        self.ca, cert, key = make_ca(self.dir, "bench CA")
         os.chmod(key, 0o644)  # read by the workers (www-data) in this throwaway setup
         loads = "\n".join(f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so"
                           for m in MODULES)
