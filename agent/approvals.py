@@ -23,12 +23,10 @@ from typing import Any
 
 from . import sshsig
 from .errors import TrustError
+from .source import APPROVAL_MAX_REFS as MAX_REFS
+from .source import APPROVAL_MAX_SIG as MAX_SIG
 
 NAMESPACE = "gitops-agent-approval"
-REF_PREFIX = "refs/approvals/"
-SIG_FILE = "approval.sig"
-MAX_REFS = 64  # approval refs of one commit; more is refused as a whole
-MAX_SIG = 16 * 1024  # bytes of one approval signature
 
 
 def payload(branch: str, commit: str, tree: str) -> bytes:
@@ -87,13 +85,6 @@ class Tally:
                 "approvals": [a.to_json() for a in self.approvals]}
 
 
-def load_approvers(path: str) -> sshsig.AllowedSigners:
-    from .trust import _read_trust_file
-
-    data = _read_trust_file(path)
-    return sshsig.parse_allowed_signers(data.decode(errors="replace"), path)
-
-
 def principals(approvers: sshsig.AllowedSigners) -> list[str]:
     """Every principal the approvers file names (patterns included, as written)."""
     out: list[str] = []
@@ -144,6 +135,26 @@ def tally(found: dict[str, dict[str, Any]], *, branch: str, commit: str, tree: s
     t.approved_by = [p for p in listed if p in names] + sorted(names - set(listed))
     t.waiting_for = [p for p in listed if p not in names]
     return t
+
+
+def judge(mirror: Any, found: dict[str, dict[str, Any]], *, branch: str, commit: str,
+          approvers: str, revoked_keys: str | None, threshold: int,
+          error: str = "") -> Tally:
+    """The tally of `commit`'s approval refs `found`, checked against the approvers file
+    (allowed_signers format, the trust files' permission rules; a bad file is a
+    TrustError), with the commit's own signature verified against it too."""
+    import time
+
+    from .trust import Verifier
+
+    v = Verifier(allowed_signers=approvers, revoked_keys=revoked_keys)
+    if v.error is not None:
+        raise v.error
+    signer = v.verify(mirror.raw_commit(commit), commit)
+    return tally(found, branch=branch, commit=commit, tree=mirror.tree_id(commit),
+                 approvers=v.signers, threshold=threshold, revoked=v.revoked,
+                 now=int(time.time()), signer=(signer.signer or "") if signer.good else "",
+                 error=error)
 
 
 def sign(key: str, text: bytes) -> bytes:
@@ -217,20 +228,13 @@ def approve(repo_path: str, rev: str, key: str, branch: str | None,
 def show(repo_path: str, rev: str, approvers_path: str, branch: str | None,
          threshold: int) -> dict[str, Any]:
     """Who approved `rev` in this repository, checked as a host would."""
-    import time
-
     from .source import open_repo
-    from .trust import Verifier
 
     repo = open_repo(repo_path)
     commit = repo.resolve(rev)
     branch = branch or default_branch(repo)
-    approvers = load_approvers(approvers_path)
-    signer = Verifier(allowed_signers=approvers_path).verify(repo.raw_commit(commit), commit)
-    t = tally(repo.approvals(commit, limit=MAX_REFS), branch=branch, commit=commit,
-              tree=repo.tree_id(commit), approvers=approvers, threshold=threshold,
-              revoked=set(), now=int(time.time()),
-              signer=(signer.signer or "") if signer.good else "")
+    t = judge(repo, repo.approvals(commit), branch=branch, commit=commit,
+              approvers=approvers_path, revoked_keys=None, threshold=threshold)
     return {"commit": commit, "branch": branch, **t.to_json()}
 
 

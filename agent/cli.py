@@ -363,7 +363,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
         commit = mirror.resolve(args.rev)
         st = state.load_state()
         heads = [c for c in (mirror.ref(FETCHED_REF), st.get("last_good")) if c]
-        if not any(c == commit or mirror.descends(c, commit) for c in heads):
+        if not mirror.in_history(commit, heads):
             raise UsageError(f"pin: {commit[:12]} is not in the history of branch "
                              f"{cfg.source.branch} as this host fetched it")
         verdict = trust.pin_verdict(cfg.trust, mirror, None, commit)

@@ -339,8 +339,7 @@ class _Cycle:
                          f"{pin.get('reason') or 'no reason given'}")
         log.warning("cycle: %s", result.pinned, extra={"COMMIT": commit, "STAGE": "verify"})
         heads = [c for c in (self.tip or mirror.ref(FETCHED_REF), self.last_good) if c]
-        if not mirror.has_commit(commit) or not any(
-                c == commit or mirror.descends(c, commit) for c in heads):
+        if not mirror.in_history(commit, heads):
             result.errors.append(f"{result.pinned}: that commit is not in the history of "
                                  f"branch {self.cfg.source.branch} here; nothing converged "
                                  f"(`gitops-agent unpin`)")
@@ -359,17 +358,10 @@ class _Cycle:
     def _approved(self, tip: str) -> None:
         """k of n: short of the threshold the host stays on last good, awaiting approval."""
         from . import approvals
-        from .trust import Verifier
 
         acfg = self.cfg.trust.approvals
         result = self.result
         assert acfg.approvers is not None
-        approvers = approvals.load_approvers(acfg.approvers)  # TrustError: not applied
-        revoked = Verifier(revoked_keys=self.cfg.trust.revoked_keys).revoked \
-            if self.cfg.trust.revoked_keys else set()
-        signer = Verifier(allowed_signers=acfg.approvers,
-                          revoked_keys=self.cfg.trust.revoked_keys).verify(
-            self.mirror.raw_commit(tip), tip)
         found: dict[str, dict[str, Any]] = {}
         error = ""
         try:
@@ -378,11 +370,10 @@ class _Cycle:
         except SourceError as e:
             error = str(e)
             result.warnings.append(error)
-        tally = approvals.tally(
-            found, branch=self.cfg.source.branch, commit=tip, tree=self.mirror.tree_id(tip),
-            approvers=approvers, threshold=acfg.threshold, revoked=revoked,
-            now=int(time.time()), signer=(signer.signer or "") if signer.good else "",
-            error=error)
+        tally = approvals.judge(  # a bad approvers file is a TrustError: not applied
+            self.mirror, found, branch=self.cfg.source.branch, commit=tip,
+            approvers=acfg.approvers, revoked_keys=self.cfg.trust.revoked_keys,
+            threshold=acfg.threshold, error=error)
         result.approvals = tally.to_json()
         for a in tally.approvals:
             if not a.ok:

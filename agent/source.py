@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,11 @@ log = logging.getLogger("agent.source")
 FETCHED_REF = "refs/gitops/fetched"
 LAST_GOOD_REF = "refs/gitops/last-good"
 _APPROVALS_LOCAL = "refs/gitops/approvals/"
+# how approvals are stored (approvals.py decides what they mean): one ref per approver,
+# refs/approvals/<commit>/<key>, at a parentless commit whose tree holds only SIG_FILE
+APPROVAL_SIG_FILE = "approval.sig"
+APPROVAL_MAX_REFS = 64  # approval refs of one commit; more is refused as a whole
+APPROVAL_MAX_SIG = 16 * 1024  # bytes of one approval signature
 
 MAX_DEPTH = 64  # directories deep, in a commit's tree
 
@@ -115,8 +121,7 @@ class Mirror:
         """Try the URL, then each mirror; the first that yields the branch wins. All of
         it within source.fetch_deadline: source.timeout bounds one read, and a server
         that drips one byte at a time would otherwise hold the cycle for ever."""
-        pygit2.settings.server_connect_timeout = int(self.source.timeout * 1000)
-        pygit2.settings.server_timeout = int(self.source.timeout * 1000)
+        _set_timeouts(self.source)
         errors = []
         deadline = time.monotonic() + self.source.fetch_deadline
         for url in (self.source.url, *self.source.mirrors):
@@ -126,13 +131,7 @@ class Mirror:
                               f"({self.source.fetch_deadline:g}s) reached")
                 break
             try:
-                if scheme(url) == "local":  # a local path cannot drip: no child needed
-                    return FetchResult(self._fetch_one(url), url, errors)
-                # in a child, so that the deadline can stop libgit2 mid-transfer
-                from . import isolate
-
-                tip = isolate.run(lambda _p, u=url: self._fetch_one(u), timeout=left,
-                                  memory=None, should_stop=should_stop or (lambda: False))
+                tip = _bounded(url, lambda u=url: self._fetch_one(u), left, should_stop)
                 return FetchResult(tip, url, errors)
             except Exhausted as e:
                 self._clear_locks()
@@ -179,20 +178,14 @@ class Mirror:
         local = f"{_APPROVALS_LOCAL}{commit}/"
         self._drop_refs(_APPROVALS_LOCAL)
 
-        def one(_progress: Any = None) -> bool:
+        def one() -> bool:
             remote = self.repo.remotes.create_anonymous(url)
             remote.fetch([f"+refs/approvals/{commit}/*:{local}*"],
                          callbacks=self._callbacks(url))
             return True
 
         try:
-            if scheme(url) == "local":
-                one()
-            else:
-                from . import isolate
-
-                isolate.run(one, timeout=self.source.fetch_deadline, memory=None,
-                            should_stop=should_stop or (lambda: False))
+            _bounded(url, one, self.source.fetch_deadline, should_stop)
         except Exhausted as e:
             self._clear_locks()
             raise SourceError(f"fetching the approvals of {commit[:12]} stopped: it "
@@ -205,26 +198,23 @@ class Mirror:
         finally:
             self._drop_refs(_APPROVALS_LOCAL)
 
-    def approvals(self, commit: str, prefix: str = "", limit: int = 64
-                  ) -> dict[str, dict[str, Any]]:
-        """{refs/approvals/<commit>/<key>: {"sig": bytes} | {"error": why}}; more than
-        `limit` refs: only the first limit + 1 are read (the caller refuses them all)."""
-        from .approvals import MAX_SIG, SIG_FILE
-
+    def approvals(self, commit: str, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """{refs/approvals/<commit>/<key>: {"sig": bytes} | {"error": why}}; beyond
+        APPROVAL_MAX_REFS refs only the first one more are read (the caller refuses all)."""
         prefix = prefix or f"refs/approvals/{commit}/"
         out: dict[str, dict[str, Any]] = {}
         for name in self.repo.references:
             if not name.startswith(prefix):
                 continue
             shown = f"refs/approvals/{commit}/{name[len(prefix):]}"
-            if len(out) > limit:
+            if len(out) > APPROVAL_MAX_REFS:
                 out[shown] = {"error": "not read: too many approval refs"}
                 continue
-            out[shown] = self._approval_object(self.repo.references[name].target, SIG_FILE,
-                                               MAX_SIG)
+            out[shown] = self._approval_object(self.repo.references[name].target)
         return out
 
-    def _approval_object(self, oid: Any, sig_file: str, max_sig: int) -> dict[str, Any]:
+    def _approval_object(self, oid: Any) -> dict[str, Any]:
+        sig_file, max_sig = APPROVAL_SIG_FILE, APPROVAL_MAX_SIG
         try:
             kind, size = self.repo.odb.read_header(oid)
             if kind != pygit2.enums.ObjectType.COMMIT:
@@ -247,11 +237,9 @@ class Mirror:
     def write_approval(self, commit: str, key_hex: str, sig: bytes) -> str:
         """Store an approval as `refs/approvals/<commit>/<key>`: a parentless commit whose
         tree holds the signature. Returns the ref."""
-        from .approvals import SIG_FILE
-
         blob = self.repo.create_blob(sig)
         tb = self.repo.TreeBuilder()
-        tb.insert(SIG_FILE, blob, pygit2.GIT_FILEMODE_BLOB)
+        tb.insert(APPROVAL_SIG_FILE, blob, pygit2.GIT_FILEMODE_BLOB)
         who = pygit2.Signature("gitops-agent approval", "approval@gitops-agent.invalid")
         oid = self.repo.create_commit(None, who, who, f"approval of {commit}\n", tb.write(),
                                       [])
@@ -272,6 +260,10 @@ class Mirror:
             return out
         except (KeyError, ValueError, pygit2.GitError):
             return None
+
+    def in_history(self, commit: str, heads: list[str]) -> bool:
+        """commit is here and one of `heads` or an ancestor of one."""
+        return self.has_commit(commit) and any(self.descends(h, commit) for h in heads)
 
     def tree_id(self, commit: str) -> str:
         return str(self.repo[commit].peel(pygit2.Commit).tree_id)
@@ -384,12 +376,10 @@ def probe(mirror_path: str, source: SourceConfig, should_stop: Any = None
     it may run while a cycle holds the state lock. Returns (remote tip or None, local
     fetched tip or None, why the remote was not read, a digest of the tip's approval
     refs as advertised)."""
-    from . import isolate
-
     try:
         repo = pygit2.Repository(mirror_path)
     except (pygit2.GitError, OSError) as e:
-        return None, None, f"no mirror yet: {_clean(e)}"
+        return None, None, f"no mirror yet: {_clean(e)}", ""
     ref = repo.references.get(FETCHED_REF)
     local = str(ref.target) if ref is not None else None
     want = f"refs/heads/{source.branch}"
@@ -407,16 +397,11 @@ def probe(mirror_path: str, source: SourceConfig, should_stop: Any = None
             f"refs/approvals/{tip}/"))
         return tip, hashlib.sha256("\n".join(mine).encode()).hexdigest()[:16]
 
-    pygit2.settings.server_connect_timeout = int(source.timeout * 1000)
-    pygit2.settings.server_timeout = int(source.timeout * 1000)
+    _set_timeouts(source)
     for url in (source.url, *source.mirrors):
         try:
-            if scheme(url) == "local":
-                tip, approvals = one(url)
-            else:
-                tip, approvals = isolate.run(lambda _p, u=url: one(u),
-                                             timeout=source.timeout + 5, memory=None,
-                                             should_stop=should_stop or (lambda: False))
+            tip, approvals = _bounded(url, lambda u=url: one(u), source.timeout + 5,
+                                      should_stop)
         except (pygit2.GitError, OSError, ValueError, AgentError) as e:
             errors.append(f"{redact(url)}: {_clean(e)}")
             continue
@@ -424,6 +409,23 @@ def probe(mirror_path: str, source: SourceConfig, should_stop: Any = None
             return tip, local, "", approvals
         errors.append(f"{redact(url)}: no branch {source.branch!r}")
     return None, local, "; ".join(errors), ""
+
+
+def _set_timeouts(source: SourceConfig) -> None:
+    """source.timeout for libgit2's connect and each read."""
+    pygit2.settings.server_connect_timeout = int(source.timeout * 1000)
+    pygit2.settings.server_timeout = int(source.timeout * 1000)
+
+
+def _bounded(url: str, fn: Callable[[], Any], timeout: float, should_stop: Any) -> Any:
+    """fn() talking to `url`: in a child bounded by `timeout` (so a deadline can stop
+    libgit2 mid-transfer), or right here for a local path, which cannot drip."""
+    if scheme(url) == "local":
+        return fn()
+    from . import isolate
+
+    return isolate.run(lambda _progress: fn(), timeout=timeout, memory=None,
+                       should_stop=should_stop or (lambda: False))
 
 
 def open_repo(path: str) -> Mirror:

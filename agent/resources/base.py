@@ -55,9 +55,8 @@ class Env:
             raise ApplyError(f"{ident}: no host identity to seal a copy of a secret with")
         return self.keyring.seal(data), True
 
-    def unseal(self, data: bytes, sealed: bool) -> bytes:
-        if not sealed:
-            return data
+    def unseal(self, data: bytes) -> bytes:
+        """A sealed copy opened with the host's identity."""
         if self.keyring is None:
             raise ApplyError("a sealed copy of a secret needs the host identity to open")
         return self.keyring.unseal(data)

@@ -36,13 +36,16 @@ MAX_DIFF_BYTES = 256 * 1024
 
 @dataclass
 class Ctx:
-    host: Host
-    state: StateDir
+    env: Env
     old: dict[str, Any]  # the previous manifest's entry for this resource, or {}
-    env: Env | None = None  # sealing of secret contents (journal, backups)
 
-    def secret(self, ident: str) -> bool:
-        return self.env is not None and ident in self.env.secret_ids
+    @property
+    def host(self) -> Host:
+        return self.env.host
+
+    @property
+    def state(self) -> StateDir:
+        return self.env.state
 
 
 def signature(full: str) -> list[int] | None:
@@ -138,9 +141,7 @@ def _takeover(res: Resource, st: os.stat_result | None, ctx: Ctx,
         return {"created": True}
     if stat.S_ISREG(st.st_mode):
         data = ctx.host.read(res.name)
-        sealed = False
-        if ctx.env is not None:
-            data, sealed = ctx.env.seal(res.identity, data, bool(res.secrets))
+        data, sealed = ctx.env.seal(res.identity, data, bool(res.secrets))
         name = ctx.state.save_backup(res.name, data, stat.S_IMODE(st.st_mode), st.st_uid,
                                      st.st_gid, sealed=sealed)
         return {"backup": name, "created": False}
@@ -281,9 +282,7 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
     if backup:
         original = ctx.state.load_backup(backup)
         if original.get("sealed"):
-            if ctx.env is None:
-                raise ApplyError(f"{name}: its backup is sealed; no host identity here")
-            original["data"] = ctx.env.unseal(original["data"], True)
+            original["data"] = ctx.env.unseal(original["data"])
         current = host.read(name) if st is not None and stat.S_ISREG(st.st_mode) else b""
         change.changed, change.action = True, "restore"
         change.msg = "no longer declared: restore the original from before the agent managed it"
@@ -313,18 +312,17 @@ def prune(ident: str, name: str, entry: dict[str, Any], ctx: Ctx, dry: bool) -> 
 # --- the journal: the prior state of a path, and putting it back ---------------------------
 
 
-def snapshot_path(host: Host, state: StateDir, path: str,
-                  seal: Callable[[bytes], tuple[bytes, bool]] = lambda data: (data, False)
-                  ) -> dict[str, Any]:
+def snapshot_path(env: Env, ident: str, path: str) -> dict[str, Any]:
     """What is at `path` now; a regular file's content goes to the blob store (sealed to
-    the host's own recipient when `seal` says it is a secret)."""
+    the host's own recipient when `ident` is a secret one)."""
+    host = env.host
     st = host.lstat(path)
     if st is None:
         return {"exists": False}
     meta = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
     if stat.S_ISREG(st.st_mode):
-        data, sealed = seal(host.read(path))
-        out = {"type": "file", "blob": state.save_blob(data), **meta}
+        data, sealed = env.seal(ident, host.read(path))
+        out = {"type": "file", "blob": env.state.save_blob(data), **meta}
         return {**out, "sealed": True} if sealed else out
     if stat.S_ISDIR(st.st_mode):
         return {"type": "directory", **meta}
@@ -335,9 +333,9 @@ def snapshot_path(host: Host, state: StateDir, path: str,
     return {"type": kind_name(st.st_mode)}  # never written by the agent: nothing to undo
 
 
-def restore_path(ident: str, host: Host, state: StateDir, path: str,
-                 prior: dict[str, Any], env: Env | None = None) -> Change:
+def restore_path(ident: str, env: Env, path: str, prior: dict[str, Any]) -> Change:
     """Put `path` back as snapshot_path saw it; a no-op when it already is."""
+    host = env.host
     change = Change(ident, action="rollback")
     st = host.lstat(path)
     if not prior.get("exists", True):
@@ -351,11 +349,9 @@ def restore_path(ident: str, host: Host, state: StateDir, path: str,
         return change
     kind = prior.get("type")
     if kind == "file":
-        data = state.load_blob(prior["blob"])
+        data = env.state.load_blob(prior["blob"])
         if prior.get("sealed"):
-            if env is None:
-                raise ApplyError(f"{path}: its prior content is sealed; no host identity")
-            data = env.unseal(data, True)
+            data = env.unseal(data)
         same = (st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
                 and (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
                 == (prior["mode"], prior["uid"], prior["gid"]) and host.read(path) == data)
@@ -393,8 +389,7 @@ def restore_paths(records: list[dict[str, Any]], env: Env,
     for rec in reversed(records):
         ident = rec["id"]
         try:
-            out.append(restore_path(ident, env.host, env.state, path_of(rec["name"]),
-                                    rec["prior"], env))
+            out.append(restore_path(ident, env, path_of(rec["name"]), rec["prior"]))
         except (ApplyError, AgentError, OSError) as e:
             out.append(Change(ident, failed=True, action="rollback",
                               msg=f"cannot be put back: {getattr(e, 'strerror', None) or e}"))
@@ -496,10 +491,10 @@ class FileKind(Kind):
         return None  # each path is read right before it is checked (a batch goes stale)
 
     def check(self, res: Resource, observed: Any, env: Env) -> Change:
-        return check(res, Ctx(env.host, env.state, env.old.get(res.identity, {}), env))
+        return check(res, Ctx(env, env.old.get(res.identity, {})))
 
     def apply_one(self, res: Resource, planned: Change, env: Env) -> Change:
-        return apply(res, Ctx(env.host, env.state, env.old.get(res.identity, {}), env))
+        return apply(res, Ctx(env, env.old.get(res.identity, {})))
 
     def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
         if res.spec.get("state") == "absent":
@@ -511,11 +506,10 @@ class FileKind(Kind):
 
     def prune(self, ident: str, entry: dict[str, Any], env: Env, dry: bool) -> Change | None:
         return prune(ident, entry.get("path", entry["name"]), entry,
-                     Ctx(env.host, env.state, env.old.get(ident, {}), env), dry=dry)
+                     Ctx(env, env.old.get(ident, {})), dry=dry)
 
     def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
-        return snapshot_path(env.host, env.state, name,
-                             lambda data: env.seal(ident, data))
+        return snapshot_path(env, ident, name)
 
     def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
                 env: Env) -> list[Change]:

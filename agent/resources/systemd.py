@@ -238,7 +238,7 @@ class UnitKind(Kind):
                         res.origin, res.content, secret=res.secret, secrets=res.secrets)
 
     def _ctx(self, ident: str, env: Env) -> FileCtx:
-        return FileCtx(env.host, env.state, env.old.get(ident, {}), env)
+        return FileCtx(env, env.old.get(ident, {}))
 
     def record(self, res: Resource, change: Change) -> dict[str, Any] | None:
         entry = super().record(res, change)
@@ -275,8 +275,7 @@ class UnitKind(Kind):
         return reload_if_needed(env)
 
     def snapshot(self, ident: str, name: str, env: Env) -> dict[str, Any] | None:
-        return snapshot_path(env.host, env.state, unit_path(name),
-                             lambda data: env.seal(ident, data))
+        return snapshot_path(env, ident, unit_path(name))
 
     def restore(self, records: list[dict[str, Any]], marks: list[dict[str, Any]],
                 env: Env) -> list[Change]:
