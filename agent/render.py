@@ -81,8 +81,7 @@ class Renderer:
         self.progress = progress or (lambda text: None)
         self._total = 0  # rendered bytes so far (limits.max_total_size)
         # secrets (secrets.py): None as keyring renders placeholders (previews, listings)
-        self.secrets = Placeholders(tree.read) if keyring is None else Source(tree.read,
-                                                                              keyring)
+        self.secrets = Placeholders(tree) if keyring is None else Source(tree, keyring)
         self._used: list[str] = []  # the secret files the content being made has read
         self._read: list[str] = []  # every files/ and secrets/ path it has read
         self.inputs: dict[str, tuple[str, ...]] = {}  # identity -> those paths
@@ -237,19 +236,14 @@ class Renderer:
         state = DesiredState(self.host, self.tree.commit, list(previous.roles),
                              previous.vars, health=dict(previous.health),
                              rollout=dict(previous.rollout), remade=0)
-        limits = self.tree.limits
         for res in previous.resources:
+            if res.error:
+                raise _Incomplete("a held resource is always rendered again")
             inputs = previous.inputs.get(res.identity, ())
-            if res.error or not any(p in changed for p in inputs):
-                if res.error:
-                    raise _Incomplete("a held resource is always rendered again")
+            if not any(p in changed for p in inputs):
                 state.resources.append(res)
                 state.inputs[res.identity] = inputs
-                self._total += len(res.content or b"")
-                if self._total > limits.max_total_size:
-                    raise RenderError(f"render: rendered content exceeds "
-                                      f"limits.max_total_size ({limits.max_total_size} bytes) "
-                                      f"at {res.identity} ({res.origin})")
+                self._bounded(res.content or b"", res.identity, res.origin)  # the total
                 continue
             key = next((k for k in ("source", "template", "secret")
                         if isinstance(res.spec.get(k), str)), None)
@@ -261,14 +255,9 @@ class Renderer:
             if "format" in res.spec:
                 spec["format"] = res.spec["format"]
             ident = res.identity
-            content = self._scoped(spec, key, ident, previous.vars)
-            new = Resource(res.kind, res.name, res.spec, res.origin, content)
-            if ident in self._secret_of:
-                new.secrets = self._secret_of[ident]
-                if ident in self._held:
-                    new.error = self._held[ident]
-                else:
-                    new.secret = self.secrets.fingerprint(content)
+            new = Resource(res.kind, res.name, res.spec, res.origin,
+                           self._scoped(spec, key, ident, previous.vars))
+            self._mark_secret(new)
             if bool(new.secrets) != bool(res.secrets):
                 # a file that starts or stops reading secrets changes its default mode,
                 # which only the declaration's parse decides
@@ -316,14 +305,19 @@ class Renderer:
             if mapping:
                 out.extend(kind.parse_key(mapping, ctx))
         for res in out:
-            ident = res.identity
-            if ident in self._secret_of:
-                res.secrets = self._secret_of[ident]
-                if ident in self._held:
-                    res.error = self._held[ident]
-                elif res.content is not None:
-                    res.secret = self.secrets.fingerprint(res.content)
+            self._mark_secret(res)
         return out
+
+    def _mark_secret(self, res: Resource) -> None:
+        """A resource whose content read secrets: which files, and its fingerprint (or
+        why it is held)."""
+        ident = res.identity
+        if ident in self._secret_of:
+            res.secrets = self._secret_of[ident]
+            if ident in self._held:
+                res.error = self._held[ident]
+            elif res.content is not None:
+                res.secret = self.secrets.fingerprint(res.content)
 
     def _scoped(self, spec: LineDict, key: str, ident: str, variables: dict) -> bytes:
         """A content; one whose secret cannot be read here holds that resource only (its
@@ -446,9 +440,9 @@ class _Secrets:
 
     def __getitem__(self, name: str) -> Any:
         r = self._renderer
-        source = r.secrets
-        r._used.append(source.values_path(str(name), self._where))
-        return source.values(str(name), self._where)
+        path = r.secrets.values_path(str(name), self._where)
+        r._used.append(path)
+        return r.secrets.values(path, self._where)
 
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):

@@ -358,10 +358,11 @@ def _short(recipient: str) -> str:
 
 class Source:
     """Secrets of one commit, as render asks for them: `file(path)` for `secret:` files,
-    `values(name)` for `secrets.NAME` in templates. Each decrypted blob is read once."""
+    `values(path)` for `secrets.NAME` in templates (`values_path(NAME)`). Each decrypted
+    blob is read once."""
 
-    def __init__(self, read: Any, keyring: Keyring | None) -> None:
-        self.read = read  # read(path) -> bytes from the commit's tree (TreeError)
+    def __init__(self, tree: Any, keyring: Keyring | None) -> None:
+        self.tree = tree  # the commit's TreeReader
         self.keyring = keyring
         self._cache: dict[str, bytes] = {}
         self._leaves: set[str] = set()  # the values read, to scrub from error messages
@@ -372,7 +373,7 @@ class Source:
         from .errors import TreeError
 
         try:
-            blob = self.read(path)
+            blob = self.tree.read(path)
         except TreeError as e:
             raise RenderError(f"render: secret {path}: {e} ({where})") from None
         what = f"{path} (used at {where})"
@@ -392,10 +393,10 @@ class Source:
         assert self.keyring is not None
         return self.keyring.fingerprint(data)
 
-    def values(self, name: str, where: str) -> dict[str, Any]:
+    def values(self, path: str, where: str) -> dict[str, Any]:
+        """The mapping `path` (from values_path) decrypts to."""
         import yaml
 
-        path = self.values_path(name, where)
         data = self._open(path, None, where)
         try:
             doc = yaml.safe_load(data)
@@ -423,17 +424,10 @@ class Source:
         tried = [f"secrets/{name}.yaml.age", f"secrets/{name}.sops.yaml",
                  f"secrets/{name}.sops.json"]
         for path in tried:
-            if self.exists(path):
+            if self.tree.is_file(path):
                 return path
         raise RenderError(f"render: secrets.{name} has no file: none of {', '.join(tried)} "
                           f"is in the commit ({where})")
-
-    def exists(self, path: str) -> bool:
-        try:
-            self.read(path)
-        except AgentError:
-            return False
-        return True
 
 
 def _leaves(value: Any) -> set[str]:
@@ -449,16 +443,15 @@ class Placeholders(Source):
     """Render without any identity (`gitops-agent render`, `secrets recipients`): every
     secret is a placeholder, so the plan's shape and the secrets used can be seen."""
 
-    def __init__(self, read: Any) -> None:
-        super().__init__(read, None)
+    def __init__(self, tree: Any) -> None:
+        super().__init__(tree, None)
 
     def file(self, path: str, fmt: str | None, where: str) -> bytes:
-        if not self.exists(path):
+        if not self.tree.is_file(path):
             self._open(path, fmt, where)  # the missing-file error
         return f"<secret {path}>\n".encode()
 
-    def values(self, name: str, where: str) -> dict[str, Any]:
-        path = self.values_path(name, where)
+    def values(self, path: str, where: str) -> dict[str, Any]:
         return _Placeholder(path)
 
     def fingerprint(self, data: bytes) -> str:
