@@ -403,16 +403,11 @@ def _gate(tcfg: TrustConfig, mirror: Mirror, tip: str, tip_time: int, st: dict[s
                         f"trust.max_age: the branch may be frozen")
         log.warning("verify: %s", warnings[-1], extra={"COMMIT": tip, "STAGE": "verify"})
 
-    if tcfg.unsigned == "allow":
-        msg = ("UNSIGNED COMMITS ALLOWED (trust.unsigned: allow): anyone who can push to "
-               "the branch controls this host. Use this for demos only.")
-        log.warning("verify: %s", msg, extra={"COMMIT": tip, "STAGE": "verify"})
-        return Verdict(tip, True, None, None, msg, "unsigned-allowed", warnings + [msg])
-
-    if not tcfg.allowed_signers and not tcfg.gpg_keyring:
-        raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
-                         "trust.unsigned is refuse: nothing can be trusted", commit=tip,
-                         rule="trust-files")
+    allowed = _unsigned_or_nothing(tcfg, tip)
+    if allowed is not None:
+        log.warning("verify: %s", allowed.reason, extra={"COMMIT": tip, "STAGE": "verify"})
+        allowed.warnings = warnings + allowed.warnings
+        return allowed
     commits = [tip]
     if tcfg.require == "all" and anchor and tip != anchor:
         commits = mirror.history(tip, hide=anchor)
@@ -434,14 +429,10 @@ def pin_verdict(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, commi
     they are now; ancestry, age and approvals are the pin's business (it goes back on
     purpose, and the caller checks that it is in the branch's history)."""
     t = commit_time(mirror, commit)
-    if tcfg.unsigned == "allow":
-        msg = ("UNSIGNED COMMITS ALLOWED (trust.unsigned: allow): anyone who can push to "
-               "the branch controls this host. Use this for demos only.")
-        return Verdict(commit, True, None, None, msg, "unsigned-allowed", [msg], t)
-    if not tcfg.allowed_signers and not tcfg.gpg_keyring:
-        raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
-                         "trust.unsigned is refuse: nothing can be trusted", commit=commit,
-                         rule="trust-files")
+    allowed = _unsigned_or_nothing(tcfg, commit)
+    if allowed is not None:
+        allowed.commit_time = t
+        return allowed
     verdicts = _Verdicts(tcfg, mirror, state, host)
     try:
         v = verdicts.of([commit])[0]
@@ -452,6 +443,20 @@ def pin_verdict(tcfg: TrustConfig, mirror: Mirror, state: StateDir | None, commi
                          rule=v.rule, key=v.key or "")
     v.commit_time = t
     return v
+
+
+def _unsigned_or_nothing(tcfg: TrustConfig, commit: str) -> Verdict | None:
+    """The verdict of `unsigned: allow` (good, loudly); else None when there are trust
+    files to judge by, and a TrustError when there are none."""
+    if tcfg.unsigned == "allow":
+        msg = ("UNSIGNED COMMITS ALLOWED (trust.unsigned: allow): anyone who can push to "
+               "the branch controls this host. Use this for demos only.")
+        return Verdict(commit, True, None, None, msg, "unsigned-allowed", [msg])
+    if not tcfg.allowed_signers and not tcfg.gpg_keyring:
+        raise TrustError("trust: no trust.allowed_signers or trust.gpg_keyring configured and "
+                         "trust.unsigned is refuse: nothing can be trusted", commit=commit,
+                         rule="trust-files")
+    return None
 
 
 def commit_time(mirror: Mirror, commit: str) -> int:
