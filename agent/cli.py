@@ -344,37 +344,22 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    """Write or remove the pin in state_dir, then ask a running daemon for a cycle."""
-    from . import trust
+    """Write or remove the pin (cycle.pin), then ask a running daemon for a cycle."""
     from .control import request
-    from .errors import AgentError as _Err
-    from .source import FETCHED_REF, Mirror
-    from .state import StateDir
+    from .cycle import pin, unpin
 
     if os.geteuid() != 0:
         raise UsageError(f"{args.verb}: root only (it changes what this host converges)")
     cfg = _config(args)
-    state = StateDir(cfg.state_dir)
     if args.verb == "unpin":
-        message = "unpinned: following the branch tip again" if state.clear_pin() \
-            else "not pinned"
+        message = unpin(cfg)
     else:
-        mirror = Mirror(state.mirror_path, cfg.source)
-        commit = mirror.resolve(args.rev)
-        st = state.load_state()
-        heads = [c for c in (mirror.ref(FETCHED_REF), st.get("last_good")) if c]
-        if not mirror.in_history(commit, heads):
-            raise UsageError(f"pin: {commit[:12]} is not in the history of branch "
-                             f"{cfg.source.branch} as this host fetched it")
-        verdict = trust.pin_verdict(cfg.trust, mirror, None, commit)
         by = os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
-        state.save_pin(commit, args.reason, by)
-        message = (f"pinned to {commit[:12]} ({verdict.reason}): this host converges it "
-                   f"instead of the tip until `gitops-agent unpin`")
+        message = pin(cfg, args.rev, args.reason, by)
     try:
         request(cfg.socket, {"verb": "sync", "wait": False}, 10)
         message += "; the daemon is running a cycle now"
-    except (_Err, OSError):
+    except (AgentError, OSError):
         message += "; the next cycle (or `gitops-agent apply`) takes it"
     _print({"message": message}, args.json, message + "\n")
     return 0

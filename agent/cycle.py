@@ -338,8 +338,7 @@ class _Cycle:
         result.pinned = (f"pinned to {commit[:12]} by {pin.get('by') or '?'} since {since}: "
                          f"{pin.get('reason') or 'no reason given'}")
         log.warning("cycle: %s", result.pinned, extra={"COMMIT": commit, "STAGE": "verify"})
-        heads = [c for c in (self.tip or mirror.ref(FETCHED_REF), self.last_good) if c]
-        if not mirror.in_history(commit, heads):
+        if not mirror.in_history(commit, _pin_heads(mirror, self.tip, self.last_good)):
             result.errors.append(f"{result.pinned}: that commit is not in the history of "
                                  f"branch {self.cfg.source.branch} here; nothing converged "
                                  f"(`gitops-agent unpin`)")
@@ -825,6 +824,34 @@ class _Cycle:
         log.error("cycle: %s; quarantined for this host (%d resources put back)",
                   result.rolled_back, sum(c.changed for c in undo),
                   extra={"COMMIT": self.target, "STAGE": "trial"})
+
+
+def _pin_heads(mirror: Mirror, tip: str | None, last_good: str | None) -> list[str]:
+    """What a pinned commit must be in the history of: the fetched tip, last good."""
+    return [c for c in (tip or mirror.ref(FETCHED_REF), last_good) if c]
+
+
+def pin(cfg: Config, rev: str, reason: str, by: str) -> str:
+    """`gitops-agent pin`: check REV as a cycle will (in the branch's history as this
+    host fetched it, trusted on its own) and write the pin. Returns what was done."""
+    from .errors import UsageError
+
+    state = StateDir(cfg.state_dir)
+    mirror = Mirror(state.mirror_path, cfg.source)
+    commit = mirror.resolve(rev)
+    if not mirror.in_history(commit, _pin_heads(mirror, None,
+                                                 state.load_state().get("last_good"))):
+        raise UsageError(f"pin: {commit[:12]} is not in the history of branch "
+                         f"{cfg.source.branch} as this host fetched it")
+    verdict = trust.pin_verdict(cfg.trust, mirror, None, commit)
+    state.save_pin(commit, reason, by)
+    return (f"pinned to {commit[:12]} ({verdict.reason}): this host converges it instead "
+            f"of the tip until `gitops-agent unpin`")
+
+
+def unpin(cfg: Config) -> str:
+    return ("unpinned: following the branch tip again" if StateDir(cfg.state_dir).clear_pin()
+            else "not pinned")
 
 
 def _final_state(result: CycleResult) -> str:
