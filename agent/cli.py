@@ -254,16 +254,14 @@ def _human_cycle(result: Any, dry: bool) -> str:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from . import facts
     from .config import LimitsConfig
-    from .render import render
+    from .render import offline
     from .source import open_repo
 
     labels = _labels(args.label, "render")
     repo = open_repo(args.repo)
     commit = repo.resolve(args.rev)
-    desired = render(repo.tree(commit, LimitsConfig()), args.host, labels,
-                     facts.static(args.host))
+    desired = offline(repo.tree(commit, LimitsConfig()), args.host, labels)
     data = desired.to_json()
     lines = [f"host {desired.host} @{commit[:12]}: roles {', '.join(desired.roles) or '-'}\n"]
     for res in desired.resources:

@@ -497,3 +497,11 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
     except isolate.Exhausted as e:
         raise RenderError(f"render: refused commit {tree.commit[:12]}: rendering {e} "
                           f"(limits.render_timeout, limits.render_memory)") from None
+
+
+def offline(tree: TreeReader, host: str, labels: dict[str, str]) -> DesiredState:
+    """A host's desired state rendered away from it (`render --repo`, `secrets`, `fleet
+    rollback --dry-run`): neutral facts, every secret a placeholder, still bounded."""
+    from .facts import static
+
+    return render(tree, host, labels, static(host))

@@ -73,8 +73,7 @@ def host_names(tree: Any, reports: str | None) -> dict[str, dict[str, str] | Non
     """Every host named in fleet.yaml (plain names in groups' hosts:, recipients:),
     hosts/*.yaml, and the report drop, with the labels its report carries (None: no
     report, so no labels known)."""
-    import json
-
+    from .fleet import load_report
     from .yamlsrc import load
 
     names: dict[str, dict[str, str] | None] = {}
@@ -97,11 +96,8 @@ def host_names(tree: Any, reports: str | None) -> dict[str, dict[str, str] | Non
     if reports and os.path.isdir(reports):
         for name in os.listdir(reports):
             if name.endswith(".json") and not name.startswith("."):
-                try:
-                    with open(os.path.join(reports, name), "rb") as f:
-                        labels = json.loads(f.read(1 << 20)).get("labels")
-                except (OSError, ValueError, AttributeError):
-                    labels = None
+                rep, _ = load_report(os.path.join(reports, name))
+                labels = (rep or {}).get("labels")
                 ok = isinstance(labels, dict) and all(
                     isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
                 names[name[:-5]] = labels if ok else names.get(name[:-5])
@@ -113,9 +109,8 @@ def changed_hosts(repo_path: str, tip: str, target: str, reports: str | None,
     """Each host's plan at the tip and at the target (offline, secrets as placeholders,
     labels from the host's report, else `default_labels`): which hosts change, and which
     of their resources."""
-    from . import facts
     from .config import LimitsConfig
-    from .render import render
+    from .render import offline
     from .source import open_repo
 
     repo = open_repo(repo_path)
@@ -125,10 +120,8 @@ def changed_hosts(repo_path: str, tip: str, target: str, reports: str | None,
         labels = labels if labels is not None else default_labels
         row: dict[str, Any] = {"host": host, "labels": labels}
         try:
-            a = {r.identity: r.digest() for r in render(now, host, labels,
-                                                        facts.static(host)).resources}
-            b = {r.identity: r.digest() for r in render(then, host, labels,
-                                                        facts.static(host)).resources}
+            a = {r.identity: r.digest() for r in offline(now, host, labels).resources}
+            b = {r.identity: r.digest() for r in offline(then, host, labels).resources}
         except AgentError as e:
             row.update(changes=None, error=str(e))
             out.append(row)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import AgentError, RenderError, TreeError
+from .render import offline
 from .secrets import (
     check_recipients,
     describe,
@@ -27,13 +28,6 @@ from .secrets import (
 
 LABELS_CAVEAT = ("groups chosen by labels are not evaluated here (labels live in each "
                  "host's agent.yaml); a secret used only through such a group is not seen")
-
-
-def _render(tree: Any, host: str, labels: dict[str, str]) -> Any:
-    from . import facts
-    from .render import render
-
-    return render(tree, host, labels, facts.static(host))
 
 
 def _used(desired: Any) -> dict[str, list[str]]:
@@ -105,7 +99,7 @@ def needs(repo_path: str, rev: str, host: str, labels: dict[str, str]) -> dict[s
     repo = open_repo(repo_path)
     commit = repo.resolve(rev)
     tree = repo.tree(commit, LimitsConfig())
-    desired = _render(tree, host, labels)
+    desired = offline(tree, host, labels)
     return {"host": host, "commit": commit,
             "secrets": [{"path": path, "used_by": ids, **carries(tree, path)}
                         for path, ids in sorted(_used(desired).items())]}
@@ -134,7 +128,7 @@ def check(repo_path: str, rev: str) -> dict[str, Any]:
     cache: dict[str, dict[str, Any]] = {}
     for host in sorted(hosts):
         try:
-            used = _used(_render(tree, host, {}))
+            used = _used(offline(tree, host, {}))
         except AgentError as e:
             failed.append({"host": host, "error": str(e)})
             continue

@@ -71,8 +71,9 @@ def test_fleet_rollback_makes_a_signed_commit_with_the_old_tree_that_hosts_apply
     assert fleet.head() == bad
     drop = env["tmp"] / "drop"
     drop.mkdir()
-    (drop / "web-01.json").write_text(json.dumps({"host": "web-01",
-                                                  "labels": {"env": "prod"}}))
+    (drop / "web-01.json").write_text(json.dumps({  # a report as the host sends it
+        "host": "web-01", "state": "converged", "reported_at": time.time(),
+        "labels": {"env": "prod"}}))
     data = json.loads(agent("fleet", "rollback", "--repo", str(fleet.work), "--to", first,
                             "--dry-run", "--json", "--reports", str(drop), check=0).stdout)
     web = next(r for r in data["hosts"] if r["host"] == "web-01")
