@@ -406,7 +406,8 @@ class _Cycle:
             if bad is not None:
                 self._hold(bad)
         self.facts = facts_mod.gather()
-        self.key = render_key(self.target, self.name, self.labels, self.facts.digest())
+        self.facts_digest = self.facts.digest()
+        self.key = render_key(self.target, self.name, self.labels, self.facts_digest)
         self.now = time.time()
         self.full_check = self.now - self.manifest.get("full_check_at", 0) >= self.cfg.full_check
         if (not self.dry_run and not self.full_check
@@ -502,8 +503,8 @@ class _Cycle:
             identity = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         except OSError:
             identity = None
-        return json.dumps([self.name, sorted(self.labels.items()), self.facts.digest(),
-                           __version__, repr(self.cfg.limits), self.cfg.secrets.sops,
+        return json.dumps([render_key("", self.name, self.labels, self.facts_digest),
+                           repr(self.cfg.limits), self.cfg.secrets.sops,
                            self.cfg.secrets.identity, identity])
 
     def _render_healing(self, commit: str) -> DesiredState:
@@ -542,7 +543,7 @@ class _Cycle:
             if self.target == self.last_good or not self._last_good_here():
                 raise _Done from None
             self._use_last_good("the tip cannot be rendered")
-        self.key = render_key(self.target, self.name, self.labels, self.facts.digest())
+        self.key = render_key(self.target, self.name, self.labels, self.facts_digest)
         try:
             self.desired = self._render(self.target)
         except (RenderError, SourceError) as e2:
