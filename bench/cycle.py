@@ -3,7 +3,8 @@
 
 Generates a fleet repo with N static files and N/10 templates (N=2000 by default),
 runs the real CLI as a subprocess and prints wall time and peak RSS of each run,
-next to a bare pygit2 script that hash-compares every file (the floor to beat).
+next to bare pygit2 scripts (the floors to beat): one that hash-compares every file,
+one that writes every file without temp files or fsync (the first apply's floor).
 
     .venv/bin/python bench/cycle.py [--n 2000] [--runs 5]
 """
@@ -40,6 +41,24 @@ for path, e in walk(tree["files"], ""):
     except FileNotFoundError:
         pass
 print(same)
+'''
+
+# the first apply's floor: every file written, no temp file, no fsync, no state
+BARE_WRITE = r'''
+import os, sys, pygit2
+repo = pygit2.Repository(sys.argv[1]); root = sys.argv[2]
+tree = repo.revparse_single("HEAD").peel(pygit2.Commit).tree
+def walk(t, prefix):
+    for e in t:
+        if e.type_str == "tree":
+            yield from walk(repo[e.id], prefix + e.name + "/")
+        else:
+            yield prefix + e.name, e
+for path, e in walk(tree["files"], ""):
+    dst = os.path.join(root, "srv/bench", path)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst, "wb") as f:
+        f.write(e.data)
 '''
 
 
@@ -126,6 +145,14 @@ def main() -> None:
             shutil.rmtree(tmp / "state", ignore_errors=True)
             firsts.append(run(agent))
         report("first apply", firsts)
+        floor_root = tmp / "floor"
+        floors = []
+        for _ in range(args.runs):
+            shutil.rmtree(floor_root, ignore_errors=True)
+            floor_root.mkdir()
+            floors.append(run([sys.executable, "-c", BARE_WRITE, str(bare), str(floor_root)]))
+        shutil.rmtree(floor_root)
+        report("bare pygit2 write-all (no fsync)", floors)
         report("no-op apply (stat fast path)", [run(agent) for _ in range(args.runs)])
         cfg_full = tmp / "full.yaml"
         cfg_full.write_text(cfg.read_text() + "full_check: 0s\n")
