@@ -179,9 +179,33 @@ class Converger:
         results: list[Change] = []
         manifest: dict[str, Any] = {}
         done: list[tuple[Resource, Change]] = []
+        self._clean_tmp(plan)
+        try:
+            self._steps(plan, should_stop, mark, results, manifest, done)
+        finally:
+            self.host.settle()  # staged writes: leftovers removed, directories durable
+        for kind in KINDS.values():
+            for c in kind.finish(self.env):
+                results.append(c)
+                _log(c, plan.commit)
+        for kind in KINDS.values():
+            for c in kind.handlers(done, self.env, should_stop):
+                results.append(c)
+                _log(c, plan.commit)
+                if c.changed:
+                    mark(c, None)
+        # The other signatures last: writing a file bumps its directory's mtime, so a
+        # directory's signature taken before its files were written would never match.
+        for entry in manifest.values():
+            if "path" in entry and "sig" not in entry:
+                entry["sig"] = signature(self.host.join(entry["path"]))
+        return results, manifest
+
+    def _steps(self, plan: Plan, should_stop: Callable[[], bool],
+               mark: Callable[[Change, list[int] | None], None], results: list[Change],
+               manifest: dict[str, Any], done: list[tuple[Resource, Change]]) -> None:
         batched: dict[str, Change] = {}
         started: set[str] = set()
-        self._clean_tmp(plan)
         stage = None
         for step in plan.steps:
             ident = step.change.id
@@ -195,6 +219,9 @@ class Converger:
                 for c in kind.before(self.env):
                     results.append(c)
                     _log(c, plan.commit)
+                _try(lambda k=kind, st=step.stage: k.prepare(
+                    [(s.resource, s.change) for s in plan.steps
+                     if s.stage == st and s.resource is not None], self.env), None)
             if should_stop():
                 results.append(Change(ident, failed=True, msg="not applied: shutting down"))
                 if ident in self.old:
@@ -233,22 +260,6 @@ class Converger:
                     # in this cycle is drift, not ours (a directory's own comes last)
                     entry["sig"] = signature(self.host.join(entry["path"]))
                 mark(change, (entry or {}).get("sig"))
-        for kind in KINDS.values():
-            for c in kind.finish(self.env):
-                results.append(c)
-                _log(c, plan.commit)
-        for kind in KINDS.values():
-            for c in kind.handlers(done, self.env, should_stop):
-                results.append(c)
-                _log(c, plan.commit)
-                if c.changed:
-                    mark(c, None)
-        # The other signatures last: writing a file bumps its directory's mtime, so a
-        # directory's signature taken before its files were written would never match.
-        for entry in manifest.values():
-            if "path" in entry and "sig" not in entry:
-                entry["sig"] = signature(self.host.join(entry["path"]))
-        return results, manifest
 
     def _record(self, kind: Kind, res: Resource, change: Change,
                 manifest: dict[str, Any]) -> None:

@@ -161,6 +161,12 @@ class Kind:
         """Run once before the kind's first step in a converge."""
         return []
 
+    def prepare(self, steps: list[tuple[Resource, Change]], env: Env) -> None:
+        """Run once before the kind's first step in a converge, with the planned changes
+        of every declared resource in its stage (all kinds of that stage, in order): work
+        done ahead for many at once. Changes nothing a reader of the host could see; an
+        error here only means each step does its own work."""
+
     def finish(self, env: Env) -> list[Change]:
         """Run once after every stage, before the handlers."""
         return []
