@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 from conftest import Fleet, agent, snapshot, write_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.host import TMP_RE, Host
 from agent.model import Change, Resource
@@ -159,3 +161,19 @@ def test_temp_files_of_an_agent_killed_after_staging_are_removed_by_the_next(tmp
     agent("apply", "--config", str(cfg), check=0)
     assert _temps(root) == []
     assert (root / "srv/app/f3.conf").read_text() == "value = 3\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab \n\r\x0b\u2028é", max_size=30))
+def test_the_diff_of_a_new_file_is_difflibs(text):
+    """A created file's diff is built without difflib's matching: the same text."""
+    import difflib
+
+    from agent.resources.files import text_diff
+
+    new = text.encode()
+    lines = difflib.unified_diff([], new.decode().splitlines(keepends=True), "a/etc/x",
+                                 "b/etc/x")
+    want = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+                   for line in lines)
+    assert text_diff(b"", new, "/etc/x") == want

@@ -95,7 +95,12 @@ def text_diff(old: bytes, new: bytes, name: str) -> str:
         b = new.decode().splitlines(keepends=True)
     except UnicodeDecodeError:
         return "non-UTF-8 content differs\n"
-    lines = list(difflib.unified_diff(a, b, f"a{name}", f"b{name}"))
+    if a:
+        lines = list(difflib.unified_diff(a, b, f"a{name}", f"b{name}"))
+    else:  # a new file: difflib's text without its matching (the first apply makes many)
+        lines = [f"--- a{name}\n", f"+++ b{name}\n",
+                 f"@@ -0,0 +1{f',{len(b)}' if len(b) != 1 else ''} @@\n",
+                 *("+" + line for line in b)]
     return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
                    for line in lines)
 
