@@ -210,13 +210,15 @@ def stage_writes(steps: list[tuple[Resource, Change]], host: Host) -> None:
     file below a directory resource that changes in this stage (its temp file must not
     sit in a parent made 0755 before the directory's own mode and owner are set),
     owners that do not exist yet, and anything that is not a regular file now."""
-    changing = [r.name.rstrip("/") + "/" for r, c in steps
-                if r.kind == "directory" and c.changed and not c.failed]
+    changing = {r.name for r, c in steps
+                if r.kind == "directory" and c.changed and not c.failed}
     files = []
     for res, change in steps:
         if res.kind != "file" or not change.changed or change.failed \
-                or res.content is None or res.spec.get("state") == "absent" \
-                or any(res.name.startswith(d) for d in changing):
+                or res.content is None or res.spec.get("state") == "absent":
+            continue
+        parts = res.name.split("/")  # ["", "srv", "app", "f.conf"]: /srv, /srv/app
+        if changing and any("/".join(parts[:i]) in changing for i in range(2, len(parts))):
             continue
         st = host.lstat(res.name)
         if st is not None and not stat.S_ISREG(st.st_mode):
