@@ -194,7 +194,8 @@ def cmd_apply(args: argparse.Namespace, plan_only: bool = False) -> int:
 
     cfg = _config(args)
     dry = plan_only or getattr(args, "dry_run", False)
-    result, _plan = run_cycle(cfg, dry_run=dry, lock_wait=getattr(args, "wait", 0.0))
+    result, _plan = run_cycle(cfg, dry_run=dry, lock_wait=getattr(args, "wait", 0.0),
+                              keep_render=True)
     _print(result.to_json(), args.json, _human_cycle(result, dry))
     if not dry and (cfg.report.sftp is not None or cfg.report.metrics_textfile):
         from .report import send_now, status_json

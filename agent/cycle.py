@@ -123,17 +123,20 @@ def host_identity(cfg: Config) -> tuple[str, dict[str, str]]:
 def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
               lock_wait: float = 0.0, should_stop: Callable[[], bool] = lambda: False,
               on_phase: Callable[[str], None] = lambda phase: None,
-              clock: Callable[[], float] = time.time
+              clock: Callable[[], float] = time.time, keep_render: bool = False
               ) -> tuple[CycleResult, Plan | None]:
     """Run one cycle. Returns the result and, for dry runs, the Plan. `on_phase` hears
     "verifying" when a trial starts (the daemon shows it in status). `clock` is the
-    time waves and windows are judged at (tests inject it)."""
+    time waves and windows are judged at (tests inject it). `keep_render`: save what
+    this cycle renders in state_dir, so that the next process renders incrementally
+    (one-shot `apply` and `plan` processes; the daemon keeps it in memory)."""
 
     state = StateDir(cfg.state_dir)
     state.lock(wait=lock_wait)
     hosts: list[Host] = []
     try:
-        return _run(cfg, state, dry_run, fetch, should_stop, hosts, on_phase, clock)
+        return _run(cfg, state, dry_run, fetch, should_stop, hosts, on_phase, clock,
+                    keep_render)
     finally:
         for h in hosts:
             h.close()  # the directory fds held for the cycle
@@ -142,10 +145,10 @@ def run_cycle(cfg: Config, *, dry_run: bool = False, fetch: bool = True,
 
 def _run(cfg: Config, state: StateDir, dry_run: bool, fetch: bool,
          should_stop: Callable[[], bool], hosts: list[Host],
-         on_phase: Callable[[str], None], clock: Callable[[], float]
+         on_phase: Callable[[str], None], clock: Callable[[], float], keep_render: bool
          ) -> tuple[CycleResult, Plan | None]:
     cycle = _Cycle(cfg, state, dry_run, fetch, should_stop, hosts)
-    cycle.on_phase, cycle.clock = on_phase, clock
+    cycle.on_phase, cycle.clock, cycle.keep_render = on_phase, clock, keep_render
     try:
         cycle.recover()
         cycle.fetch()
@@ -187,6 +190,7 @@ class _Cycle:
         self.desired: DesiredState | None = None
         self.on_phase: Callable[[str], None] = lambda phase: None
         self.clock: Callable[[], float] = time.time
+        self.keep_render = False
         # read when a secret is first used
         self.keyring = Keyring(cfg.secrets.identity, cfg.secrets.sops)
         self.pin: dict[str, Any] | None = None if dry_run else state.load_pin()
@@ -478,21 +482,30 @@ class _Cycle:
         base = self._render_base()
         previous = None
         last = _LAST_RENDER.get(self.cfg.state_dir)
+        if last is None or last[0] != base:  # a new process: what the last one kept
+            kept = self.state.load_render(base)
+            last = (base, kept) if kept is not None else None
         if last is not None and last[0] == base:
-            if last[1].commit == commit and not any(r.error for r in last[1].resources):
+            # a content that read a secret is never kept on disk: made again below
+            whole = not any(r.error or (r.secrets and r.content is None)
+                            for r in last[1].resources)
+            if last[1].commit == commit and whole:
+                _LAST_RENDER[self.cfg.state_dir] = last
                 return last[1]  # rendering is pure: same inputs, same desired state
             changed = (set() if last[1].commit == commit
                        else self.mirror.changed_paths(last[1].commit, commit))
             if changed is not None and all(p.startswith("files/") for p in changed):
                 previous = (last[1], changed)
         desired = render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
-                         self.facts, self.state.template_cache(), self.should_stop,
+                         self.facts, self.state.template_cache, self.should_stop,
                          self.keyring, previous)
         if desired.remade is not None:
             log.info("render: incremental, %d of %d contents made again (the rest did not "
                      "read a changed path)", desired.remade, len(desired.resources),
                      extra={"COMMIT": commit, "STAGE": "render"})
         _LAST_RENDER[self.cfg.state_dir] = (base, desired)
+        if self.keep_render:
+            self.state.save_render(base, desired)
         return desired
 
     def _render_base(self) -> str:

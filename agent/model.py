@@ -103,6 +103,63 @@ class DesiredState:
                 "vars": self.vars, "health": self.health, "rollout": self.rollout,
                 "resources": [r.to_json(with_content) for r in self.resources]}
 
+    # --- kept between processes (state.save_render), for incremental renders -----------
+
+    def pack(self, base: str, max_bytes: int) -> bytes | None:
+        """This state as bytes a later process can unpack and render incrementally from:
+        a JSON header line, then the contents. A content that read a secret is left out
+        (the unpacked resource has none, and is made again). None when it cannot be kept
+        exactly: a held resource, contents over max_bytes, or anything JSON would not
+        give back as it was (a tuple, a non-string key)."""
+        if any(r.error for r in self.resources):
+            return None
+        blobs: list[bytes] = []
+        size = 0
+        rows = []
+        for r in self.resources:
+            at = None
+            if r.content is not None and not r.secrets:
+                at = [size, len(r.content)]
+                blobs.append(r.content)
+                size += len(r.content)
+            rows.append([r.kind, r.name, r.spec, r.origin, r.secret, list(r.secrets), at,
+                         list(self.inputs.get(r.identity, ()))])
+        if size > max_bytes:
+            return None
+        contents = b"".join(blobs)
+        head = {"v": 1, "base": base, "host": self.host, "commit": self.commit,
+                "roles": self.roles, "vars": self.vars, "health": self.health,
+                "rollout": self.rollout, "resources": rows,
+                "sha256": hashlib.sha256(contents).hexdigest()}
+        try:
+            text = json.dumps(head, separators=(",", ":"))
+        except (TypeError, ValueError):
+            return None
+        if json.loads(text) != head:
+            return None
+        return text.encode() + b"\n" + contents
+
+    @classmethod
+    def unpack(cls, data: bytes, base: str) -> DesiredState | None:
+        """What pack() wrote, if it was packed with this same `base` (everything besides
+        the commit that a render depends on) and is whole; else None."""
+        try:
+            line, _, contents = data.partition(b"\n")
+            head = json.loads(line)
+            if head.get("v") != 1 or head.get("base") != base or \
+                    hashlib.sha256(contents).hexdigest() != head["sha256"]:
+                return None
+            state = cls(head["host"], head["commit"], head["roles"], head["vars"],
+                        health=head["health"], rollout=head["rollout"])
+            for kind, name, spec, origin, secret, secrets, at, inputs in head["resources"]:
+                content = contents[at[0]:at[0] + at[1]] if at is not None else None
+                res = Resource(kind, name, spec, origin, content, secret, tuple(secrets))
+                state.resources.append(res)
+                state.inputs[res.identity] = tuple(inputs)
+            return state
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
 
 
 @dataclass

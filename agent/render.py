@@ -74,8 +74,8 @@ class Renderer:
         self.host = host
         self.labels = labels
         self.facts = facts
-        # a jinja2.BytecodeCache from state.py (keyed by template source checksum): the
-        # files are the state directory's business, not render's
+        # a jinja2.BytecodeCache from state.py (keyed by template source checksum), or
+        # what makes one: the files are the state directory's business, not render's
         self.bytecode_cache = bytecode_cache
         self._env: Any = None
         self.progress = progress or (lambda text: None)
@@ -240,7 +240,8 @@ class Renderer:
             if res.error:
                 raise _Incomplete("a held resource is always rendered again")
             inputs = previous.inputs.get(res.identity, ())
-            if not any(p in changed for p in inputs):
+            kept = res.content is not None or not res.secrets  # unpacked: no secret content
+            if kept and not any(p in changed for p in inputs):
                 state.resources.append(res)
                 state.inputs[res.identity] = inputs
                 self._bounded(res.content or b"", res.identity, res.origin)  # the total
@@ -392,6 +393,8 @@ class Renderer:
                     return super()._load_template(name, globals)
 
             cache = self.bytecode_cache
+            if callable(cache):  # made on first use: a render that remakes no template
+                cache = cache()  # never imports Jinja2
             self._env = Env(
                 loader=_TreeLoader(self.tree).make(), undefined=jinja2.StrictUndefined,
                 keep_trailing_newline=True, autoescape=False, bytecode_cache=cache)
@@ -473,7 +476,8 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
            previous: tuple[DesiredState, set[str]] | None = None) -> DesiredState:
     """Render in a forked child bounded by limits.render_timeout and render_memory: a
     template that loops or grows for ever is a one-line RenderError, not a hung agent."""
-    import jinja2.sandbox  # noqa: F401 - imported once here, not in every forked child
+    if previous is None:  # an incremental render may remake no template at all
+        import jinja2.sandbox  # noqa: F401 - imported once here, not in every forked child
 
     limits = tree.limits
     try:

@@ -15,6 +15,8 @@ Layout:
     journal.log      one line per resource the agent wrote in that apply (done marks)
     journal.blobs    the prior file contents the journal names, appended (0600)
     quarantine.json  commits whose health checks failed on this host, by plan digest
+    render.cache     the last render (no secret contents), for an incremental render in
+                     the next `apply` process; only a cache, rebuilt when damaged
     lock             flock()ed by the process that runs a cycle
     mirror.git/      the bare pygit2 mirror
 """
@@ -32,6 +34,7 @@ from typing import Any
 
 from .errors import LockError, StateError
 from .host import write_atomic
+from .model import DesiredState
 
 VERSION = 1
 
@@ -234,6 +237,30 @@ class StateDir:
         except OSError:
             return None  # only a cache: templates are then compiled every render
         return jinja2.FileSystemBytecodeCache(path)
+
+    # --- the last render, for the next process (cycle._render) ---------------------------
+
+    RENDER_CACHE_MAX = 64 << 20  # contents; a host with more renders in full every time
+
+    def load_render(self, base: str) -> DesiredState | None:
+        """The desired state save_render kept, if rendered with this same base; None when
+        there is none, or it was made with another base, or it is damaged."""
+        try:
+            with open(self.p("render.cache"), "rb") as f:
+                data = f.read(self.RENDER_CACHE_MAX + (16 << 20))
+        except OSError:
+            return None
+        return DesiredState.unpack(data, base)
+
+    def save_render(self, base: str, desired: DesiredState) -> None:
+        data = desired.pack(base, self.RENDER_CACHE_MAX)
+        try:
+            if data is None:
+                os.unlink(self.p("render.cache"))  # an older one would still be right,
+            else:                                  # but no longer worth keeping
+                self._write("render.cache", data)
+        except (OSError, StateError):
+            pass  # only a cache: the next process renders in full
 
     # --- pause (persisted across restarts, with its reason) --------------------------------
 

@@ -208,6 +208,7 @@ def main() -> None:
                                    "user": "root", "key": str(client_key),
                                    "known_hosts": str(known), "dir": str(tmp / "drop")}}
         socks = []
+        avail0 = psutil.virtual_memory().available
         t_start = time.monotonic()
         for i in range(args.hosts):
             h = tmp / f"h{i}"
@@ -238,12 +239,18 @@ def main() -> None:
                 break
             time.sleep(1)
         started = time.monotonic() - t_start
-        rss = []
+        rss, uss = [], []
         for p in procs:
             try:
-                rss.append(psutil.Process(p.pid).memory_info().rss)
+                m = psutil.Process(p.pid).memory_full_info()
             except psutil.Error:
-                pass
+                continue
+            rss.append(m.rss)
+            uss.append(m.uss)
+        # what the machine lost per agent: unlike RSS, this counts the libraries the
+        # agents share once, and the kernel's own cost (page tables, sockets) too
+        avail1 = psutil.virtual_memory().available
+        per_agent = (avail0 - avail1) / max(len(procs), 1)
         gproc = psutil.Process(gitd.pid)
         agents = [psutil.Process(p.pid) for p in procs]
 
@@ -305,7 +312,12 @@ def main() -> None:
               f"{psutil.virtual_memory().total >> 30} GiB")
         print(f"started and converged the first commit in {started:.0f}s")
         print(f"idle agent RSS: median {statistics.median(rss) / 2**20:.1f} MB, max "
-              f"{max(rss) / 2**20:.1f} MB, total {sum(rss) / 2**30:.2f} GiB")
+              f"{max(rss) / 2**20:.1f} MB, total {sum(rss) / 2**30:.2f} GiB; USS (its own "
+              f"pages) median {statistics.median(uss) / 2**20:.1f} MB")
+        print(f"memory available fell by {(avail0 - avail1) / 2**30:.2f} GiB: "
+              f"{per_agent / 2**20:.1f} MB per agent, so about "
+              f"{int(avail0 / per_agent) if per_agent > 0 else 0} agents fit in the "
+              f"{avail0 / 2**30:.1f} GiB available before they started")
         print(f"idle {args.idle:.0f}s: {c1 - c0} connections ({(c1 - c0) / args.idle:.1f}/s), "
               f"{p1 - p0} probes, {cy1 - cy0} cycles")
         print(f"  server CPU {s1 - s0:.2f}s ({(s1 - s0) / args.idle * 100:.1f}% of a CPU); "

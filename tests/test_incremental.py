@@ -92,8 +92,12 @@ def apply_op(work: Path, op: tuple) -> None:
 
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(OPS, min_size=1, max_size=5))
+@given(steps=st.lists(st.tuples(OPS, st.booleans()), min_size=1, max_size=5))
 def test_incremental_render_equals_a_full_render(tmp_path_factory, steps):
+    """Each step may also hand the last desired state to the next through pack and
+    unpack, as one `apply` process hands it to the next (state.save_render): secret
+    contents are not kept there and must be made again."""
+    from agent.model import DesiredState
     from agent.secrets import Keyring
 
     base = tmp_path_factory.mktemp("inc")
@@ -103,7 +107,13 @@ def test_incremental_render_equals_a_full_render(tmp_path_factory, steps):
     repo = open_repo(str(work))
     prev = render(repo.tree(repo.resolve("HEAD"), LimitsConfig()), "web-01", {}, f,
                   keyring=keyring)
-    for n, ops in enumerate(steps):
+    for n, (ops, through_disk) in enumerate(steps):
+        if through_disk:
+            packed = prev.pack("base", 1 << 20)
+            assert packed is not None and b"hunter2" not in packed
+            assert DesiredState.unpack(packed, "another base") is None
+            prev = DesiredState.unpack(packed, "base")
+            assert prev is not None
         for op in ops:
             apply_op(work, op)
         git(work, "add", "-A")
@@ -123,7 +133,8 @@ def test_incremental_render_equals_a_full_render(tmp_path_factory, steps):
             # the shortcut was taken, and remade no more than what read a changed path
             assert inc.remade is not None, ops
             assert inc.remade == sum(1 for r in full.resources
-                                     if set(full.inputs[r.identity]) & changed), ops
+                                     if set(full.inputs[r.identity]) & changed
+                                     or (through_disk and r.secrets)), ops
         assert inc.to_json() == full.to_json(), (ops, changed)
         assert inc.inputs == full.inputs
         assert [r.digest() for r in inc.resources] == [r.digest() for r in full.resources]
@@ -157,3 +168,108 @@ def test_the_daemon_renders_a_files_only_commit_incrementally_and_says_so(tmp_pa
     assert (root / "etc/motd").read_text() == "changed web-01\n"
     assert any("render: incremental, 1 of" in r.getMessage() for r in caplog.records)
     _LAST_RENDER.clear()
+
+
+def _apply_v(cfg: Path) -> str:
+    from conftest import agent
+
+    p = agent("apply", "--config", str(cfg), "-v", check=0)
+    return p.stdout + p.stderr
+
+
+def test_apply_processes_hand_the_render_on_through_the_state_dir(tmp_path):
+    """`gitops-agent apply` is one process per cycle: it keeps its render (state_dir
+    render.cache, 0600) and the next process renders a files/-only commit from it."""
+    import stat
+
+    from conftest import Fleet, snapshot, write_config
+
+    fleet = Fleet(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
+                       state_dir=tmp_path / "state")
+    assert "incremental" not in _apply_v(cfg)
+    cache = tmp_path / "state/render.cache"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    fleet.commit("motd", files={"files/motd.j2": "changed {{ host.name }}\n"}, push=True)
+    out = _apply_v(cfg)
+    assert "render: incremental, 1 of" in out, out
+    assert (root / "etc/motd").read_text() == "changed web-01\n"
+    # the host is exactly what a fresh agent (a full render) makes of this commit
+    root2 = tmp_path / "root2"
+    root2.mkdir()
+    cfg2 = write_config(tmp_path / "agent2.yaml", url=fleet.bare, root=root2,
+                        state_dir=tmp_path / "state2")
+    assert "incremental" not in _apply_v(cfg2)
+    def same(r: Path) -> dict:  # mode, owner, content; not mtimes
+        return {k: (*v[:3], v[4]) for k, v in snapshot(r).items()}
+
+    assert same(root) == same(root2)
+    # a change outside files/ (vars, declarations) renders in full
+    role = fleet.work / "roles/base.yaml"
+    fleet.commit("vars", files={"roles/base.yaml": role.read_text() + "\n"}, push=True)
+    assert "incremental" not in _apply_v(cfg)
+
+
+def test_a_damaged_or_foreign_render_cache_means_a_full_render(tmp_path):
+    from conftest import Fleet, write_config
+
+    fleet = Fleet(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
+                       state_dir=tmp_path / "state")
+    _apply_v(cfg)
+    cache = tmp_path / "state/render.cache"
+    good = cache.read_bytes()
+    head, _, contents = good.partition(b"\n")
+    for n, damaged in enumerate([
+        b"",  # empty
+        good[:len(good) // 2],  # cut short
+        head + b"\n" + contents[:-1] + bytes([contents[-1] ^ 1]),  # a flipped bit
+        b"{not json\n",
+        head.replace(b'"v":1', b'"v":2') + b"\n" + contents,  # another format
+    ]):
+        cache.write_bytes(damaged)
+        fleet.commit(f"motd {n}", files={"files/motd.j2": f"v{n} {{{{ host.name }}}}\n"},
+                     push=True)
+        out = _apply_v(cfg)
+        assert "incremental" not in out and "Traceback" not in out, (n, out)
+        assert (root / "etc/motd").read_text() == f"v{n} web-01\n"
+        assert cache.read_bytes() != damaged  # kept again, whole
+    # another host name (the same state_dir given to another identity) is another base
+    cfg2 = write_config(tmp_path / "agent.yaml", url=fleet.bare, root=root,
+                        state_dir=tmp_path / "state", host={"name": "web-02"})
+    fleet.commit("motd again", files={"files/motd.j2": "again {{ host.name }}\n"},
+                 push=True)
+    out = _apply_v(cfg2)
+    assert "incremental" not in out
+    assert (root / "etc/motd").read_text() == "again web-02\n"
+
+
+def test_pack_keeps_only_what_unpack_gives_back_exactly():
+    from agent.model import DesiredState, Resource
+
+    def state(spec: dict, content: bytes | None = b"x\n", **kw: object) -> DesiredState:
+        s = DesiredState("web-01", "c" * 40, ["app"], {"v": 1})
+        s.resources.append(Resource("file", "/etc/x", spec, "roles/app.yaml:3", content,
+                                    **kw))
+        s.inputs["file[/etc/x]"] = ("files/x",)
+        return s
+
+    good = state({"state": "present", "notify": ["a.service"]})
+    back = DesiredState.unpack(good.pack("b", 100), "b")
+    assert back is not None and back.to_json() == good.to_json()
+    assert back.inputs == good.inputs and back.resources[0].digest() == \
+        good.resources[0].digest()
+    assert state({"notify": ("a.service",)}).pack("b", 100) is None  # a tuple
+    assert state({1: "x"}).pack("b", 100) is None  # a key JSON makes a string
+    assert state({}, error="not for this host").pack("b", 100) is None  # held
+    assert state({}, b"x" * 101).pack("b", 100) is None  # over the bound
+    secret = state({}, b"pw\n", secret="hmac-sha256:ab", secrets=("secrets/x.age",))
+    packed = secret.pack("b", 100)
+    assert packed is not None and b"pw" not in packed
+    back = DesiredState.unpack(packed, "b")
+    assert back is not None and back.resources[0].content is None
+    assert back.resources[0].secrets == ("secrets/x.age",)

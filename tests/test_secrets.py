@@ -219,6 +219,33 @@ def test_secret_file_and_template_values_converge_and_are_never_shown(host):
                  text2, again, rendered, history, managed=managed) == []
 
 
+def test_the_render_an_apply_keeps_for_the_next_holds_no_secret(host):
+    """render.cache (the next `apply` process renders incrementally from it) never holds
+    a secret content: the next process decrypts those again, whatever else changed."""
+    h = host
+    role = ("files:\n"
+            "  /etc/app/db.pass: {secret: secrets/db.pass.age}\n"
+            "  /etc/app/app.conf: {template: app.conf.j2}\n"
+            "  /etc/app/note.conf: {source: note.conf}\n")
+    write_secrets(h, role=role)
+    h["fleet"].write({"files/note.conf": "v1\n"})
+    h["fleet"].commit("secrets", push=True)
+    out, text = apply(h)
+    assert out["state"] == "converged", text
+    assert (h["state"] / "render.cache").exists()
+    h["fleet"].commit("note", files={"files/note.conf": "v2\n"}, push=True)
+    p = agent("apply", "--config", str(h["cfg"]), "-v", check=0)
+    text2 = p.stdout + p.stderr
+    # the changed file and the two that read secrets, whose plaintexts were not kept
+    assert "render: incremental, 3 of 3 contents made again" in text2, text2
+    root = h["root"]
+    assert (root / "etc/app/note.conf").read_text() == "v2\n"
+    assert (root / "etc/app/db.pass").read_text() == f"{DB_PASS}\n"
+    assert (root / "etc/app/app.conf").read_text() == f"user=app\npassword={DB_USER_PASS}\n"
+    managed = (root / "etc/app/db.pass", root / "etc/app/app.conf")
+    assert leaks(h["state"], text, text2, managed=managed) == []
+
+
 def test_ssh_host_key_identity_and_armored_x25519(tmp_path):
     hk = ssh_key(tmp_path / "ssh_host_ed25519_key")
     pub = hk.with_suffix(".pub").read_text()
