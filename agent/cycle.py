@@ -21,7 +21,7 @@ from . import __version__, trust
 from . import facts as facts_mod
 from .config import Config, host_name_problem
 from .converge import Converger, Plan, clean, plan_digest
-from .errors import AgentError, ConfigError, RenderError, SourceError, TrustError
+from .errors import AgentError, ConfigError, RenderError, SourceError, TreeError, TrustError
 from .host import Host
 from .journal import Journal
 from .model import DesiredState
@@ -481,6 +481,7 @@ class _Cycle:
 
         base = self._render_base()
         previous = None
+        tree = self.mirror.tree(commit, self.cfg.limits)
         last = _LAST_RENDER.get(self.cfg.state_dir)
         if last is None or last[0] != base:  # a new process: what the last one kept
             kept = self.state.load_render(base)
@@ -492,13 +493,15 @@ class _Cycle:
             if last[1].commit == commit and whole:
                 _LAST_RENDER[self.cfg.state_dir] = last
                 return last[1]  # rendering is pure: same inputs, same desired state
-            changed = (set() if last[1].commit == commit
-                       else self.mirror.changed_paths(last[1].commit, commit))
+            changed = None
+            if last[1].commit == commit:
+                changed = set()
+            elif self._bounded_tree(tree):  # the diff walks both trees: bound them first
+                changed = self.mirror.changed_paths(last[1].commit, commit)
             if changed is not None and all(p.startswith("files/") for p in changed):
                 previous = (last[1], changed)
-        desired = render(self.mirror.tree(commit, self.cfg.limits), self.name, self.labels,
-                         self.facts, self.state.template_cache, self.should_stop,
-                         self.keyring, previous)
+        desired = render(tree, self.name, self.labels, self.facts, self.state.template_cache,
+                         self.should_stop, self.keyring, previous)
         if desired.remade is not None:
             log.info("render: incremental, %d of %d contents made again (the rest did not "
                      "read a changed path)", desired.remade, len(desired.resources),
@@ -507,6 +510,15 @@ class _Cycle:
         if self.keep_render:
             self.state.save_render(base, desired)
         return desired
+
+    @staticmethod
+    def _bounded_tree(tree: Any) -> bool:
+        """The commit's tree is within the limits (render says why not, if it is not)."""
+        try:
+            tree.check()
+        except TreeError:
+            return False
+        return True
 
     def _render_base(self) -> str:
         """Everything a render depends on besides the commit: with the same base, a new

@@ -490,8 +490,8 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
             try:
                 return Renderer(tree, host, labels, facts, bytecode_cache, progress,
                                 keyring).rerender(*previous)
-            except _Incomplete:
-                pass
+            except (_Incomplete, RenderError):
+                pass  # an error is worded as the full render words it (the key's line)
         return Renderer(tree, host, labels, facts, bytecode_cache, progress,
                         keyring).render()
 
