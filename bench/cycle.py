@@ -23,7 +23,8 @@ from pathlib import Path
 
 from benchlib import agent_argv, git
 
-BARE = r'''
+# what both floors share: the commit's files/ tree, walked with pygit2
+WALK = r'''
 import hashlib, os, sys, pygit2
 repo = pygit2.Repository(sys.argv[1]); root = sys.argv[2]
 tree = repo.revparse_single("HEAD").peel(pygit2.Commit).tree
@@ -33,6 +34,10 @@ def walk(t, prefix):
             yield from walk(repo[e.id], prefix + e.name + "/")
         else:
             yield prefix + e.name, e
+'''
+
+# the no-op's floor: every file hash-compared with its blob
+BARE = WALK + r'''
 same = 0
 for path, e in walk(tree["files"], ""):
     try:
@@ -44,16 +49,7 @@ print(same)
 '''
 
 # the first apply's floor: every file written, no temp file, no fsync, no state
-BARE_WRITE = r'''
-import os, sys, pygit2
-repo = pygit2.Repository(sys.argv[1]); root = sys.argv[2]
-tree = repo.revparse_single("HEAD").peel(pygit2.Commit).tree
-def walk(t, prefix):
-    for e in t:
-        if e.type_str == "tree":
-            yield from walk(repo[e.id], prefix + e.name + "/")
-        else:
-            yield prefix + e.name, e
+BARE_WRITE = WALK + r'''
 for path, e in walk(tree["files"], ""):
     dst = os.path.join(root, "srv/bench", path)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
