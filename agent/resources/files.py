@@ -421,14 +421,47 @@ def restore_path(ident: str, env: Env, path: str, prior: dict[str, Any]) -> Chan
 def restore_paths(records: list[dict[str, Any]], env: Env,
                   path_of: Callable[[str], str]) -> list[Change]:
     out = []
-    for rec in reversed(records):
-        ident = rec["id"]
-        try:
-            out.append(restore_path(ident, env, path_of(rec["name"]), rec["prior"]))
-        except (ApplyError, AgentError, OSError) as e:
-            out.append(Change(ident, failed=True, action="rollback",
-                              msg=f"cannot be put back: {getattr(e, 'strerror', None) or e}"))
+    _stage_restores(records, env, path_of)
+    try:
+        for rec in reversed(records):
+            ident = rec["id"]
+            try:
+                out.append(restore_path(ident, env, path_of(rec["name"]), rec["prior"]))
+            except (ApplyError, AgentError, OSError) as e:
+                out.append(Change(ident, failed=True, action="rollback", msg=f"cannot be put "
+                                  f"back: {getattr(e, 'strerror', None) or e}"))
+    finally:
+        env.host.settle()
     return out
+
+
+def _stage_restores(records: list[dict[str, Any]], env: Env,
+                    path_of: Callable[[str], str]) -> None:
+    """The prior contents a rollback will write, staged as a converge stages new ones
+    (Host.stage): only plain (not sealed) files whose directory is there now and that
+    differ from what is on disk. Anything odd is left to restore_path to report."""
+    host = env.host
+    files = []
+    for rec in records:
+        prior = rec.get("prior") or {}
+        if prior.get("type") != "file" or not prior.get("exists", True) or prior.get("sealed"):
+            continue
+        path = path_of(rec["name"])
+        try:
+            if host.at(path) is None:
+                continue  # its directory is made again by its own record first
+            st = host.lstat(path)
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                continue
+            data = env.state.load_blob(prior["blob"])
+            if st is not None and st.st_nlink == 1 and (
+                    stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (
+                    prior["mode"], prior["uid"], prior["gid"]) and host.read(path) == data:
+                continue
+        except (AgentError, OSError, KeyError):
+            continue
+        files.append((path, data, prior["mode"], prior["uid"], prior["gid"]))
+    host.stage(files)
 
 
 class FileKind(Kind):
