@@ -95,6 +95,7 @@ class Daemon:
         self.tasks: set[asyncio.Task] = set()
         self._sigint = 0
         self._flushing = False
+        self._flush_again = False  # a report was queued while a flush was under way
         self._reported = ""  # report.material() of the last report queued for the drop
         self.probes = 0  # change probes sent (source.probe_interval)
         self._probe_approvals: str | None = None  # the tip's approval refs, last probe
@@ -264,16 +265,23 @@ class Daemon:
             return
         if queue:
             self._reported = material
-        if queue and self.cfg.report.sftp is not None and not self._flushing:
-            self._flushing = True  # set before the task runs: one flush at a time
-            self._spawn(self._flush())
+        if queue and self.cfg.report.sftp is not None:
+            if self._flushing:
+                self._flush_again = True  # the flush under way may have read the queue
+            else:
+                self._flushing = True  # set before the task runs: one flush at a time
+                self._spawn(self._flush())
 
     async def _flush(self) -> None:
         try:
-            sent = await asyncio.wait_for(report.flush_sftp(self.cfg, self.host), 60)
-            if sent:
-                log.info("report: sent %d report(s) to %s", sent, self.cfg.report.sftp.host,
-                         extra={"STAGE": "report"})
+            again = True
+            while again:  # once more for a report queued while this one was sending
+                self._flush_again = False
+                sent = await asyncio.wait_for(report.flush_sftp(self.cfg, self.host), 60)
+                if sent:
+                    log.info("report: sent %d report(s) to %s", sent,
+                             self.cfg.report.sftp.host, extra={"STAGE": "report"})
+                again = self._flush_again
         except Exception as e:  # noqa: BLE001 - unreachable: the queue keeps them
             log.warning("report: sftp to %s failed, reports stay queued: %s",
                         self.cfg.report.sftp.host, e or type(e).__name__,

@@ -245,7 +245,8 @@ def test_a_rollback_in_metrics_the_report_drop_and_fleet_status(tmp_path, fleet,
     assert "1 rolled back" in p.stdout and "rolled back to" in p.stdout
 
 
-def test_no_op_cycles_send_no_report_only_changes_and_heartbeats_do(tmp_path, fleet, sshd):
+def test_no_op_cycles_send_no_report_only_changes_and_heartbeats_do(tmp_path, fleet, sshd,
+                                                                     monkeypatch):
     """A fleet of hosts polling every 30 s must not open an SSH session to the drop per
     poll: a cycle reports when something a fleet view reads changed."""
     import asyncio
@@ -295,6 +296,24 @@ def test_no_op_cycles_send_no_report_only_changes_and_heartbeats_do(tmp_path, fl
         await until(lambda: reports() == 2)
         d._report()  # the heartbeat reports regardless
         await until(lambda: reports() == 3)
+        # a report queued while a flush is still under way (it has read the queue) is
+        # sent by that flush's next round, not left for the next heartbeat
+        from agent import report
+
+        gate = asyncio.Event()
+        real = report.flush_sftp
+
+        async def held(*args: object) -> int:
+            sent = await real(*args)
+            await gate.wait()
+            return sent
+
+        monkeypatch.setattr(report, "flush_sftp", held)
+        d._report()
+        await until(lambda: reports() == 4)
+        d._report()
+        gate.set()
+        await until(lambda: reports() == 5)
         d.stop()
         assert await asyncio.wait_for(task, 30) == 0
 
