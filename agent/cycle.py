@@ -486,10 +486,9 @@ class _Cycle:
         if last is None or last[0] != base:  # a new process: what the last one kept
             kept = self.state.load_render(base)
             last = (base, kept) if kept is not None else None
-        if last is not None and last[0] == base:
+        if last is not None:
             # a content that read a secret is never kept on disk: made again below
-            whole = not any(r.error or (r.secrets and r.content is None)
-                            for r in last[1].resources)
+            whole = not any(r.error or r.content_left_out for r in last[1].resources)
             if last[1].commit == commit and whole:
                 _LAST_RENDER[self.cfg.state_dir] = last
                 return last[1]  # rendering is pure: same inputs, same desired state

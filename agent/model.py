@@ -43,6 +43,12 @@ class Resource:
         return identity(self.kind, self.name)
 
     @property
+    def content_left_out(self) -> bool:
+        """Unpacked from a kept render (DesiredState.pack) without its content, which
+        read a secret: it must be made again before anything can use it."""
+        return bool(self.secrets) and self.content is None
+
+    @property
     def notify(self) -> tuple[str, ...]:
         return tuple(self.spec.get("notify", ()))
 

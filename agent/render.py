@@ -240,8 +240,7 @@ class Renderer:
             if res.error:
                 raise _Incomplete("a held resource is always rendered again")
             inputs = previous.inputs.get(res.identity, ())
-            kept = res.content is not None or not res.secrets  # unpacked: no secret content
-            if kept and not any(p in changed for p in inputs):
+            if not res.content_left_out and not any(p in changed for p in inputs):
                 state.resources.append(res)
                 state.inputs[res.identity] = inputs
                 self._bounded(res.content or b"", res.identity, res.origin)  # the total
