@@ -67,6 +67,16 @@ def _mode_of(res: Resource, default: int) -> int:
     return int(m, 8) if m is not None else default
 
 
+def _wanted(res: Resource, host: Host, regular: os.stat_result | None, dry: bool
+            ) -> tuple[int, int, int, list[str]]:
+    """The mode, uid and gid a file is written with (those of the regular file there now,
+    `regular`, where the declaration says none), and the owners not made yet. Staging
+    and the write itself both ask here, so a staged temp file matches the write."""
+    mode = _mode_of(res, stat.S_IMODE(regular.st_mode) if regular is not None else 0o644)
+    uid, gid, pending = _ids(res, host, regular, dry)
+    return mode, uid, gid, pending
+
+
 def _ids(res: Resource, host: Host, st: os.stat_result | None, dry: bool
          ) -> tuple[int, int, list[str]]:
     """uid, gid, and the owners that do not exist yet (only when planning)."""
@@ -161,8 +171,7 @@ def _file(res: Resource, ctx: Ctx, dry: bool, planned: Change | None = None) -> 
         raise ApplyError(f"{res.name} is a {kind_name(st.st_mode)} on the host, not a file; "
                          f"refusing to replace it")
     regular = st is not None and stat.S_ISREG(st.st_mode)
-    mode = _mode_of(res, stat.S_IMODE(st.st_mode) if regular else 0o644)
-    uid, gid, pending = _ids(res, host, st if regular else None, dry)
+    mode, uid, gid, pending = _wanted(res, host, st if regular else None, dry)
     old = host.read(res.name) if regular else b""
     change = Change(res.identity)
     # a secret's content is never diffed (nor one that replaces a secret): its keyed
@@ -225,9 +234,8 @@ def stage_writes(steps: list[tuple[Resource, Change]], host: Host) -> None:
             continue
         if st is not None and st.st_nlink == 1 and host.read(res.name) == res.content:
             continue  # mode or owner only: set in place, nothing to write
-        uid, gid, pending = _ids(res, host, st, dry=True)
+        mode, uid, gid, pending = _wanted(res, host, st, dry=True)
         if not pending:
-            mode = _mode_of(res, stat.S_IMODE(st.st_mode) if st is not None else 0o644)
             files.append((res.name, res.content, mode, uid, gid))
     host.stage(files)
 
@@ -387,9 +395,7 @@ def restore_path(ident: str, env: Env, path: str, prior: dict[str, Any]) -> Chan
         data = env.state.load_blob(prior["blob"])
         if prior.get("sealed"):
             data = env.unseal(data)
-        same = (st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
-                and (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-                == (prior["mode"], prior["uid"], prior["gid"]) and host.read(path) == data)
+        same = _as_before(host, path, st, prior, data)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise ApplyError(f"{path} is a directory now; the file that was there cannot be "
                              f"put back")
@@ -416,6 +422,15 @@ def restore_path(ident: str, env: Env, path: str, prior: dict[str, Any]) -> Chan
     if not change.changed:
         change.msg = change.msg or "as before"
     return change
+
+
+def _as_before(host: Host, path: str, st: os.stat_result | None, prior: dict[str, Any],
+               data: bytes) -> bool:
+    """The file at `path` (lstat `st`) is the prior one: its own, same mode, owner and
+    content."""
+    return (st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+            and (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            == (prior["mode"], prior["uid"], prior["gid"]) and host.read(path) == data)
 
 
 def restore_paths(records: list[dict[str, Any]], env: Env,
@@ -454,9 +469,7 @@ def _stage_restores(records: list[dict[str, Any]], env: Env,
             if st is not None and not stat.S_ISREG(st.st_mode):
                 continue
             data = env.state.load_blob(prior["blob"])
-            if st is not None and st.st_nlink == 1 and (
-                    stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (
-                    prior["mode"], prior["uid"], prior["gid"]) and host.read(path) == data:
+            if _as_before(host, path, st, prior, data):
                 continue
         except (AgentError, OSError, KeyError):
             continue
