@@ -223,12 +223,15 @@ class Renderer:
         state.inputs = {r.identity: self.inputs.get(r.identity, ()) for r in state.resources}
         return state
 
-    def rerender(self, previous: DesiredState, changed: set[str]) -> DesiredState:
+    def rerender(self, previous: DesiredState, changed: set[str],
+                 plain_only: bool = False) -> DesiredState:
         """`previous` (another commit's desired state for this same host, labels, facts
         and identity) with the content of every resource whose inputs are in `changed`
         made again. The caller checked that nothing but files/ changed, so the YAML, and
         with it every declaration, vars, health and rollout, is the same. Raises
-        _Incomplete where the shortcut could differ from a full render."""
+        _Incomplete where the shortcut could differ from a full render, and with
+        `plain_only` where a content to remake is not a plain copy of a blob (a template
+        or a secret runs code or a decryption: that is for the bounded child)."""
         try:
             self.tree.check()
         except TreeError as e:
@@ -249,6 +252,8 @@ class Renderer:
                         if isinstance(res.spec.get(k), str)), None)
             if key is None:
                 raise _Incomplete(f"{res.identity} has inputs but no source")
+            if plain_only and (key != "source" or res.secrets):
+                raise _Incomplete(f"{res.identity} is not a plain copy of a blob")
             path, _, line = res.origin.rpartition(":")
             spec = LineDict(path, int(line) if line.isdigit() else 0)
             spec[key] = res.spec[key]
@@ -483,6 +488,16 @@ def render(tree: TreeReader, host: str, labels: dict[str, str], facts: Facts,
         tree.check()  # the tree index, bounded by the limits: built once, shared by fork
     except TreeError as e:
         raise RenderError(f"render: {e}") from None
+    if previous is not None:
+        # a change that remakes only `source:` copies runs no template and reads no
+        # secret: each content is one blob, bounded by limits.max_blob_size and the
+        # total by max_total_size. No child needed (the fork and the pickled state cost
+        # more than the copy); anything else, or any error, goes the bounded way below
+        try:
+            return Renderer(tree, host, labels, facts, bytecode_cache, lambda _: None,
+                            keyring).rerender(*previous, plain_only=True)
+        except (_Incomplete, RenderError):
+            pass
 
     def work(progress: Any) -> DesiredState:
         if previous is not None:  # (the last desired state, the paths changed since)

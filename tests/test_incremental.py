@@ -144,6 +144,39 @@ def test_incremental_render_equals_a_full_render(tmp_path_factory, steps):
         prev.inputs["file[/etc/t1.conf]"])
 
 
+def test_only_a_commit_that_remakes_plain_copies_renders_without_the_bounded_child(
+        tmp_path, monkeypatch):
+    """A `source:` copy runs no template and reads no secret: remade in the agent's own
+    process. A template to remake still goes to the forked, bounded child."""
+    from agent import isolate
+
+    work, _key = setup(tmp_path)
+    f = facts.static("web-01")
+    repo = open_repo(str(work))
+    prev = render(repo.tree(repo.resolve("HEAD"), LimitsConfig()), "web-01", {}, f)
+    forks = []
+    real_run = isolate.run
+    monkeypatch.setattr(isolate, "run", lambda *a, **k: forks.append(1) or real_run(*a, **k))
+
+    def step(op: tuple) -> object:
+        apply_op(work, op)
+        git(work, "commit", "-qam", str(op))
+        r = open_repo(str(work))
+        commit = r.resolve("HEAD")
+        tree = r.tree(commit, LimitsConfig())
+        inc = render(tree, "web-01", {}, f, previous=(prev, r.changed_paths(prev.commit,
+                                                                             commit)))
+        assert inc.to_json() == render(tree, "web-01", {}, f).to_json()
+        return inc
+
+    forks.clear()
+    prev = step(("static", 1, 5))
+    assert prev.remade == 1 and forks == [1]  # the one fork is the full render compared
+    forks.clear()
+    prev = step(("tpl", 2, 5))
+    assert prev.remade == 1 and forks == [1, 1]
+
+
 def test_the_daemon_renders_a_files_only_commit_incrementally_and_says_so(tmp_path, caplog):
     """In one process (the daemon runs cycles so), a commit that changed one static file
     remakes one content; the host ends exactly as after a full render."""
