@@ -37,6 +37,10 @@ class Resource:
     # the cycle leaves it as it is and converges the rest
     error: str = ""
     _digest: str | None = field(default=None, repr=False, compare=False)
+    # this resource's line in a kept render (DesiredState.pack), with the inputs it was
+    # packed with: a resource an incremental render reuses is not encoded again
+    _row: tuple[tuple[str, ...], bytes] | None = field(default=None, repr=False,
+                                                        compare=False)
 
     @cached_property
     def identity(self) -> str:  # asked for thousands of times a cycle; never changes
@@ -113,59 +117,82 @@ class DesiredState:
 
     def pack(self, base: str, max_bytes: int) -> bytes | None:
         """This state as bytes a later process can unpack and render incrementally from:
-        a JSON header line, then the contents. A content that read a secret is left out
-        (the unpacked resource has none, and is made again). None when it cannot be kept
-        exactly: a held resource, contents over max_bytes, or anything JSON would not
-        give back as it was (a tuple, a non-string key)."""
+        a JSON header line, one JSON line per resource, then the contents. A content
+        that read a secret is left out (the unpacked resource has none, and is made
+        again). None when it cannot be kept exactly: a held resource, contents over
+        max_bytes, or anything JSON would not give back as it was (a tuple, a
+        non-string key). A resource packed before (kept, or reused by an incremental
+        render) is not encoded again."""
         if any(r.error for r in self.resources):
             return None
         blobs: list[bytes] = []
+        rows: list[bytes] = []
         size = 0
-        rows = []
         for r in self.resources:
-            at = None
-            if r.content is not None and not r.secrets:
-                at = [size, len(r.content)]
-                blobs.append(r.content)
-                size += len(r.content)
-            rows.append([r.kind, r.name, r.spec, r.origin, r.secret, list(r.secrets), at,
-                         list(self.inputs.get(r.identity, ()))])
+            inputs = self.inputs.get(r.identity, ())
+            kept = r.content is not None and not r.secrets
+            if kept:
+                blobs.append(r.content)  # type: ignore[arg-type]
+                size += len(r.content)  # type: ignore[arg-type]
+            if r._row is None or r._row[0] != inputs:
+                row = [r.kind, r.name, r.spec, r.origin, r.secret, list(r.secrets),
+                       len(r.content) if kept else None,  # type: ignore[arg-type]
+                       list(inputs), None if r.secrets else r.digest()]
+                try:
+                    text = json.dumps(row, separators=(",", ":"))
+                except (TypeError, ValueError):
+                    return None
+                if json.loads(text) != row:
+                    return None
+                r._row = (inputs, text.encode())
+            rows.append(r._row[1])
         if size > max_bytes:
             return None
-        contents = b"".join(blobs)
-        head = {"v": 1, "base": base, "host": self.host, "commit": self.commit,
+        body = b"\n".join(rows) + b"\n" + b"".join(blobs)
+        head = {"v": 2, "base": base, "host": self.host, "commit": self.commit,
                 "roles": self.roles, "vars": self.vars, "health": self.health,
-                "rollout": self.rollout, "resources": rows,
-                "sha256": hashlib.sha256(contents).hexdigest()}
+                "rollout": self.rollout, "n": len(rows),
+                "sha256": hashlib.sha256(body).hexdigest()}
         try:
             text = json.dumps(head, separators=(",", ":"))
         except (TypeError, ValueError):
             return None
         if json.loads(text) != head:
             return None
-        return text.encode() + b"\n" + contents
+        return text.encode() + b"\n" + body
 
     @classmethod
     def unpack(cls, data: bytes, base: str) -> DesiredState | None:
         """What pack() wrote, if it was packed with this same `base` (everything besides
         the commit that a render depends on) and is whole; else None."""
         try:
-            line, _, contents = data.partition(b"\n")
+            line, _, body = data.partition(b"\n")
             head = json.loads(line)
-            if head.get("v") != 1 or head.get("base") != base or \
-                    hashlib.sha256(contents).hexdigest() != head["sha256"]:
+            if head.get("v") != 2 or head.get("base") != base or \
+                    hashlib.sha256(body).hexdigest() != head["sha256"]:
+                return None
+            n = head["n"]
+            *rows, contents = body.split(b"\n", n) if n else [body[1:]]
+            if len(rows) != n:
                 return None
             state = cls(head["host"], head["commit"], head["roles"], head["vars"],
                         health=head["health"], rollout=head["rollout"])
-            for kind, name, spec, origin, secret, secrets, at, inputs in head["resources"]:
-                content = contents[at[0]:at[0] + at[1]] if at is not None else None
-                res = Resource(kind, name, spec, origin, content, secret, tuple(secrets))
+            at = 0
+            for row in rows:
+                kind, name, spec, origin, secret, secrets, size, inputs, digest = \
+                    json.loads(row)
+                content = None
+                if size is not None:
+                    content = contents[at:at + size]
+                    at += size
+                res = Resource(kind, name, spec, origin, content, secret, tuple(secrets),
+                               _digest=digest)
+                res._row = (tuple(inputs), row)
                 state.resources.append(res)
-                state.inputs[res.identity] = tuple(inputs)
-            return state
+                state.inputs[res.identity] = res._row[0]
+            return state if at == len(contents) else None
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
-
 
 
 @dataclass

@@ -256,13 +256,17 @@ def test_a_damaged_or_foreign_render_cache_means_a_full_render(tmp_path):
     _apply_v(cfg)
     cache = tmp_path / "state/render.cache"
     good = cache.read_bytes()
-    head, _, contents = good.partition(b"\n")
+    head, _, body = good.partition(b"\n")
+    rows = body.split(b"\n")
+    assert b'"n":' in head and len(rows) > 2
     for n, damaged in enumerate([
         b"",  # empty
         good[:len(good) // 2],  # cut short
-        head + b"\n" + contents[:-1] + bytes([contents[-1] ^ 1]),  # a flipped bit
+        head + b"\n" + body[:-1] + bytes([body[-1] ^ 1]),  # a flipped bit in a content
+        head + b"\n" + body.replace(rows[0], rows[0].replace(b'"file"', b'"fil"'), 1),
         b"{not json\n",
-        head.replace(b'"v":1', b'"v":2') + b"\n" + contents,  # another format
+        head.replace(b'"v":2', b'"v":1') + b"\n" + body,  # another format
+        head.replace(b'"n":', b'"n":1') + b"\n" + body,  # another count of resources
     ]):
         cache.write_bytes(damaged)
         fleet.commit(f"motd {n}", files={"files/motd.j2": f"v{n} {{{{ host.name }}}}\n"},
@@ -296,6 +300,7 @@ def test_pack_keeps_only_what_unpack_gives_back_exactly():
     assert back is not None and back.to_json() == good.to_json()
     assert back.inputs == good.inputs and back.resources[0].digest() == \
         good.resources[0].digest()
+    assert back.pack("b", 100) == good.pack("b", 100)  # packed again, the same bytes
     assert state({"notify": ("a.service",)}).pack("b", 100) is None  # a tuple
     assert state({1: "x"}).pack("b", 100) is None  # a key JSON makes a string
     assert state({}, error="not for this host").pack("b", 100) is None  # held
