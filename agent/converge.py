@@ -87,8 +87,15 @@ class Converger:
         if (path is None or self.full_check or not old or old.get("digest") != res.digest()
                 or old.get("sig") is None or signature(self.host.join(path)) != old["sig"]):
             return None
+        data = {k: old[k] for k in ("backup", "created") if k in old}
+        if res.kind != "directory":
+            # what the manifest records again: the signature just seen to match. (A
+            # directory's is taken after the cycle wrote into it, in converge.) A write
+            # by anyone later in this cycle, a package's postinst say, is then drift
+            # the next cycle sees, not a signature recorded as the agent's own
+            data["sig"] = old["sig"]
         return Change(res.identity, msg="unchanged since last apply (stat signature)",
-                      data={k: old[k] for k in ("backup", "created") if k in old})
+                      data=data)
 
     def plan(self, desired: DesiredState) -> Plan:
         """Read-only: what converge would change now, with diffs."""
@@ -270,6 +277,8 @@ class Converger:
             return
         entry = kind.record(res, change)
         if entry is not None:
+            if "path" in entry and "sig" in change.data:
+                entry["sig"] = change.data["sig"]
             manifest[ident] = entry
 
     def _clean_tmp(self, plan: Plan) -> None:

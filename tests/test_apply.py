@@ -63,6 +63,41 @@ def test_drift_is_corrected_including_mode_and_same_size_edits(env):
     assert [c["msg"] for c in out["changes"] if c["changed"]] == ["mode 0600 -> 0644"]
 
 
+def test_an_edit_during_a_cycle_to_a_file_it_left_alone_is_drift_for_the_next(
+        env, monkeypatch):
+    """The manifest keeps the signature the stat fast path saw match, not one taken at
+    the end of the cycle: a write by anyone else meanwhile (a package's postinst, say)
+    is not recorded as the agent's own, and the next cycle puts the file back."""
+    from agent.config import load_file
+    from agent.cycle import run_cycle
+    from agent.journal import Journal
+
+    conf = load_file(str(env["cfg"]))
+    assert run_cycle(conf)[0].ok
+    nginx = env["root"] / "etc/nginx/nginx.conf"
+    text = nginx.read_text()
+    edited = "X" + text[1:]
+    assert edited != text
+    real_mark = Journal.mark
+
+    def mark(self, change, sig=None):
+        real_mark(self, change, sig)
+        if nginx.read_text() == text:  # once, same size, the old mtime
+            st = nginx.stat()
+            nginx.write_text(edited)
+            os.utime(nginx, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    monkeypatch.setattr(Journal, "mark", mark)
+    env["fleet"].commit("motd", files={"files/motd.j2": "new {{ host.name }}\n"}, push=True)
+    result, _ = run_cycle(conf)
+    assert [c.id for c in result.changes if c.changed] == ["file[/etc/motd]"]
+    assert nginx.read_text() == edited
+    monkeypatch.setattr(Journal, "mark", real_mark)
+    result, _ = run_cycle(conf)
+    assert [c.id for c in result.changes if c.changed] == ["file[/etc/nginx/nginx.conf]"]
+    assert nginx.read_text() == text
+
+
 def test_change_shows_a_diff_in_plan_and_dry_run_changes_nothing(env):
     apply(env)
     fleet: Fleet = env["fleet"]
