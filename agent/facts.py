@@ -57,9 +57,20 @@ def _read(path: str) -> str:
         return ""
 
 
-def gather() -> Facts:
-    import psutil  # lazy: only the render path needs it
+def _memory_mb() -> int:
+    """MemTotal of /proc/meminfo, what psutil.virtual_memory().total reads (importing
+    psutil for this one number cost ~10 ms of every apply process)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
 
+
+def gather() -> Facts:
     osr = _os_release()
     return Facts(
         hostname=socket.gethostname(),
@@ -68,7 +79,7 @@ def gather() -> Facts:
         os_version=osr.get("VERSION_ID", ""),
         arch=platform.machine(),
         cpus=os.cpu_count() or 1,
-        memory_mb=psutil.virtual_memory().total // (1024 * 1024),
+        memory_mb=_memory_mb(),
     )
 
 
