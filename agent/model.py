@@ -182,7 +182,7 @@ class DesiredState:
             if len(parsed) != n:
                 return None
             for row, (kind, name, spec, origin, secret, secrets, size, inputs, digest) in \
-                    zip(rows, parsed):
+                    zip(rows, parsed, strict=True):
                 content = None
                 if size is not None:
                     content = contents[at:at + size]
