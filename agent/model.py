@@ -135,31 +135,22 @@ class DesiredState:
                 blobs.append(r.content)  # type: ignore[arg-type]
                 size += len(r.content)  # type: ignore[arg-type]
             if r._row is None or r._row[0] != inputs:
-                row = [r.kind, r.name, r.spec, r.origin, r.secret, list(r.secrets),
-                       len(r.content) if kept else None,  # type: ignore[arg-type]
-                       list(inputs), None if r.secrets else r.digest()]
-                try:
-                    text = json.dumps(row, separators=(",", ":"))
-                except (TypeError, ValueError):
+                line = _exact_json([r.kind, r.name, r.spec, r.origin, r.secret,
+                                    list(r.secrets),
+                                    len(r.content) if kept else None,  # type: ignore[arg-type]
+                                    list(inputs), None if r.secrets else r.digest()])
+                if line is None:
                     return None
-                if json.loads(text) != row:
-                    return None
-                r._row = (inputs, text.encode())
+                r._row = (inputs, line)
             rows.append(r._row[1])
         if size > max_bytes:
             return None
         body = b"\n".join(rows) + b"\n" + b"".join(blobs)
-        head = {"v": 2, "base": base, "host": self.host, "commit": self.commit,
-                "roles": self.roles, "vars": self.vars, "health": self.health,
-                "rollout": self.rollout, "n": len(rows),
-                "sha256": hashlib.sha256(body).hexdigest()}
-        try:
-            text = json.dumps(head, separators=(",", ":"))
-        except (TypeError, ValueError):
-            return None
-        if json.loads(text) != head:
-            return None
-        return text.encode() + b"\n" + body
+        head = _exact_json({"v": 2, "base": base, "host": self.host, "commit": self.commit,
+                            "roles": self.roles, "vars": self.vars, "health": self.health,
+                            "rollout": self.rollout, "n": len(rows),
+                            "sha256": hashlib.sha256(body).hexdigest()})
+        return None if head is None else head + b"\n" + body
 
     @classmethod
     def unpack(cls, data: bytes, base: str) -> DesiredState | None:
@@ -195,6 +186,16 @@ class DesiredState:
             return state if at == len(contents) else None
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def _exact_json(value: Any) -> bytes | None:
+    """One line of JSON that json.loads gives back equal to `value`; None when it would
+    not (a tuple, a non-string key, NaN) or cannot be encoded."""
+    try:
+        text = json.dumps(value, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    return text.encode() if json.loads(text) == value else None
 
 
 @dataclass
