@@ -137,6 +137,15 @@ def status(sock: str) -> dict:
         return {}
 
 
+def _reported(drop: Path, host: str, commit: str) -> bool:
+    """The host's report in the drop names `commit` as applied."""
+    try:
+        report = json.loads((drop / f"{host}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("applied_commit") == commit
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
@@ -239,6 +248,9 @@ def main() -> None:
                 break
             time.sleep(1)
         started = time.monotonic() - t_start
+        if done < len(socks):
+            raise SystemExit(f"only {done} of {len(socks)} agents converged the first commit "
+                             f"within 600 s")
         rss, uss = [], []
         for p in procs:
             try:
@@ -344,10 +356,22 @@ def main() -> None:
                   f"{qp1 - qp0:.2f}s; per session {(qp1 - qp0) / n * 1000:.1f} ms CPU, "
                   f"{(rp1[2] - rp0[2]) / n:.0f} B received, {(rp1[1] - rp0[1]) / n:.0f} B sent")
         per_s = (c1 - c0) / args.idle
+        problems = []
+        if len(lat) < len(socks):
+            problems.append(f"{len(socks) - len(lat)} of {len(socks)} hosts did not apply "
+                            f"the push")
+        if drop_relay is not None:
+            reported = [h for i in range(args.hosts)
+                        if (h := f"host-{i:04d}") and _reported(tmp / "drop", h, new)]
+            if len(reported) < args.hosts:
+                problems.append(f"{args.hosts - len(reported)} of {args.hosts} hosts' "
+                                f"reports in the drop do not name the pushed commit")
         if per_s:
             print(f"extrapolated, same mix: 1,000 hosts = {per_s * 1000 / args.hosts:.0f} "
                   f"connections/s, {(s1 - s0) / args.idle * 1000 / args.hosts:.2f} server "
                   f"CPUs, {(d1 - d0) / args.idle * 1000 / args.hosts / 2**20:.2f} MiB/s")
+        if problems:
+            raise SystemExit("fleet bench failed: " + "; ".join(problems))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
