@@ -131,16 +131,18 @@ class Host:
         Missing parents are made 0755 root:root with mkdirat when `create`. The fd
         belongs to the cache: use it before the next call, never close it."""
         parts = self.parts(target)
-        if len(self._fds) >= self.MAX_FDS:
-            self.close()  # between operations: no fd of the cache is in use now
-        fd = self._dirfd(parts[:-1], create)
+        fd = self._fd_of(parts[:-1], create)
         return None if fd is None else (fd, parts[-1])
 
     def _dir(self, directory: str) -> int | None:
         """A cached fd of a directory itself (None when it is missing)."""
+        return self._fd_of(self.parts(directory))
+
+    def _fd_of(self, parts: tuple[str, ...], create: bool = False) -> int | None:
+        """_dirfd, with the cache emptied first when it is full."""
         if len(self._fds) >= self.MAX_FDS:
-            self.close()
-        return self._dirfd(self.parts(directory), False)
+            self.close()  # between operations: no fd of the cache is in use now
+        return self._dirfd(parts, create)
 
     def _open_dir(self, name: str, dirfd: int, walked: str) -> int:
         try:
@@ -315,10 +317,8 @@ class Host:
                 _unlink_quiet(tmp, p[0])
         renamed, self._renamed = self._renamed, set()
         for parts in sorted(renamed):
-            if len(self._fds) >= self.MAX_FDS:
-                self.close()
             try:
-                fd = self._dirfd(parts, False)
+                fd = self._fd_of(parts)
             except ApplyError:
                 continue  # swapped for a symlink since: not ours to sync any more
             if fd is not None:
