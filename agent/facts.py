@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import socket
 from dataclasses import asdict, dataclass
 
@@ -77,7 +76,7 @@ def gather() -> Facts:
         machine_id=_read("/etc/machine-id"),
         os_id=osr.get("ID", "linux"),
         os_version=osr.get("VERSION_ID", ""),
-        arch=platform.machine(),
+        arch=os.uname().machine,  # what platform.machine() returns, without its import
         cpus=os.cpu_count() or 1,
         memory_mb=_memory_mb(),
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +30,8 @@ def _pin_known_hosts(path: str | None) -> None:
     directory holding only the configured file (an empty one when none is set)."""
     global _pinned_home
     if _pinned_home is None:
+        import tempfile  # here: only an SSH source needs it
+
         _pinned_home = tempfile.mkdtemp(prefix="gitops-agent-ssh-")
         os.makedirs(os.path.join(_pinned_home, ".ssh"), mode=0o700)
     target = os.path.join(_pinned_home, ".ssh", "known_hosts")

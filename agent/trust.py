@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -275,6 +274,8 @@ def _dearmor_pgp(data: bytes) -> bytes:
 def gpgv(keyring: str, signature: str, payload: bytes,
          host: Host | None = None) -> list[list[str]]:
     """Run gpgv with --status-fd; return its `[GNUPG:] KEYWORD args` lines, split."""
+    import tempfile  # here: only an OpenPGP signature needs it
+
     with tempfile.TemporaryDirectory(prefix="gitops-gpgv-") as tmp:
         ring = os.path.join(tmp, "trusted.gpg")
         with open(ring, "wb") as f:
