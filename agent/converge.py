@@ -99,6 +99,10 @@ class Converger:
 
     def plan(self, desired: DesiredState) -> Plan:
         """Read-only: what converge would change now, with diffs."""
+        with self.host.read_only():
+            return self._plan(desired)
+
+    def _plan(self, desired: DesiredState) -> Plan:
         plan = Plan(desired.commit)
         declared = desired.by_id()
         self.env.secret_ids |= {r.identity for r in desired.resources if r.secret or r.secrets}
@@ -140,6 +144,10 @@ class Converger:
     def snapshot(self, plan: Plan) -> list[dict[str, Any]]:
         """The prior state of every resource the plan will touch, in plan order: what a
         rollback puts back. Taken before the first write."""
+        with self.host.read_only():
+            return self._snapshot(plan)
+
+    def _snapshot(self, plan: Plan) -> list[dict[str, Any]]:
         out = []
         for step in plan.steps:
             if not step.change.changed or step.change.failed:

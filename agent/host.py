@@ -15,11 +15,13 @@ so no path is ever re-resolved between the check and the write.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import stat
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +59,25 @@ class Host:
         # stage(): target -> (temp name, data, mode, uid, gid), durable, not yet renamed
         self._staged: dict[str, tuple[str, bytes, int, int, int]] = {}
         self._renamed: set[tuple[str, ...]] = set()  # dirs a staged file was renamed into
+        # Directories found missing inside read_only(), not looked for again there
+        self._absent: set[tuple[str, ...]] | None = None
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    @contextlib.contextmanager
+    def read_only(self) -> Iterator[None]:
+        """A stretch in which the agent writes nothing (the plan, the journal's snapshot):
+        a directory found missing stays missing, so it is not looked for again. A first
+        apply's plan asks about 2,200 files under directories that do not exist yet; each
+        had cost a failed open() and a walk up the fd cache."""
+        self._absent = set()
+        try:
+            yield
+        finally:
+            self._absent = None
 
     def _forget(self, parts: tuple[str, ...]) -> None:
         """A directory was removed: drop its fd and those below it."""
@@ -69,9 +85,14 @@ class Host:
             os.close(self._fds.pop(key))
 
     def _dirfd(self, parts: tuple[str, ...], create: bool) -> int | None:
+        if create:  # the agent makes directories only this way: a write after all, so
+            self._absent = None  # nothing found missing is trusted any more
         fd = self._fds.get(parts)
         if fd is not None:
             return fd
+        absent = self._absent
+        if absent is not None and parts in absent:
+            return None
         if not parts:
             try:
                 fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -81,6 +102,8 @@ class Host:
             return fd
         parent = self._dirfd(parts[:-1], create)
         if parent is None:
+            if absent is not None:
+                absent.add(parts)
             return None
         name = parts[-1]
         walked = "/" + "/".join(parts)
@@ -88,6 +111,8 @@ class Host:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             if not create:
+                if absent is not None:
+                    absent.add(parts)
                 return None
             try:
                 os.mkdir(name, 0o755, dir_fd=parent)

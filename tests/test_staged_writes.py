@@ -214,3 +214,50 @@ def test_a_rollback_of_many_files_stages_the_prior_contents(tmp_path, monkeypatc
     # 30 files written and 30 put back: with an fsync per file and per rename that
     # would be 120; staged, both are a few (plus the agent's own state and journal)
     assert len(fsyncs) < 30, len(fsyncs)
+
+
+def _count_opens(monkeypatch, name: str) -> list[str]:
+    """Every os.open of `name` (a first path component, opened relative to a dir fd)."""
+    opened: list[str] = []
+    real = os.open
+
+    def counting(path, *a, **k):
+        if path == name:
+            opened.append(path)
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "open", counting)
+    return opened
+
+
+def test_a_first_apply_looks_for_a_missing_directory_once_per_plan(tmp_path, monkeypatch):
+    files = {f"/srv/app/f{i}.conf": {"content": f"v{i}\n"} for i in range(30)}
+    _, root, cfg = _env(tmp_path, {"files": files})
+    from agent import cycle
+    from agent.config import load_file
+
+    opened = _count_opens(monkeypatch, "srv")
+    result, _ = cycle.run_cycle(load_file(str(cfg)))
+    assert result.ok, result.errors
+    assert all((root / f"srv/app/f{i}.conf").read_text() == f"v{i}\n" for i in range(30))
+    # /srv is looked for once by each read-only stretch (the plan, the journal's
+    # snapshot, the stage's look at what is there), once by the stale-temp clean-up,
+    # and opened twice by the stage that makes it: not once per file and stretch (93)
+    assert len(opened) <= 6, len(opened)
+
+
+def test_read_only_forgets_what_it_found_missing_once_the_agent_writes(tmp_path):
+    host = Host(str(tmp_path))
+    uid, gid = os.getuid(), os.getgid()
+    with host.read_only():
+        assert host.lstat("/srv/a/f") is None
+        host.write_file("/srv/a/f", b"x\n", 0o644, uid, gid)  # makes /srv and /srv/a
+        st = host.lstat("/srv/a/f")
+        assert st is not None and st.st_size == 2
+    with host.read_only():
+        assert host.lstat("/opt/b/g") is None
+    # made by someone else after the read-only stretch: found
+    (tmp_path / "opt/b").mkdir(parents=True)
+    (tmp_path / "opt/b/g").write_text("y\n")
+    st = host.lstat("/opt/b/g")
+    assert st is not None and st.st_size == 2
+    host.close()

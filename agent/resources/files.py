@@ -222,21 +222,23 @@ def stage_writes(steps: list[tuple[Resource, Change]], host: Host) -> None:
     changing = {r.name for r, c in steps
                 if r.kind == "directory" and c.changed and not c.failed}
     files = []
-    for res, change in steps:
-        if res.kind != "file" or not change.changed or change.failed \
-                or res.content is None or res.spec.get("state") == "absent":
-            continue
-        parts = res.name.split("/")  # ["", "srv", "app", "f.conf"]: /srv, /srv/app
-        if changing and any("/".join(parts[:i]) in changing for i in range(2, len(parts))):
-            continue
-        st = host.lstat(res.name)
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            continue
-        if st is not None and st.st_nlink == 1 and host.read(res.name) == res.content:
-            continue  # mode or owner only: set in place, nothing to write
-        mode, uid, gid, pending = _wanted(res, host, st, dry=True)
-        if not pending:
-            files.append((res.name, res.content, mode, uid, gid))
+    with host.read_only():  # what is there now: nothing is written before host.stage
+        for res, change in steps:
+            if res.kind != "file" or not change.changed or change.failed \
+                    or res.content is None or res.spec.get("state") == "absent":
+                continue
+            parts = res.name.split("/")  # ["", "srv", "app", "f.conf"]: /srv, /srv/app
+            if changing and any("/".join(parts[:i]) in changing
+                                for i in range(2, len(parts))):
+                continue
+            st = host.lstat(res.name)
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                continue
+            if st is not None and st.st_nlink == 1 and host.read(res.name) == res.content:
+                continue  # mode or owner only: set in place, nothing to write
+            mode, uid, gid, pending = _wanted(res, host, st, dry=True)
+            if not pending:
+                files.append((res.name, res.content, mode, uid, gid))
     host.stage(files)
 
 
