@@ -491,6 +491,7 @@ class TreeReader:
             raise TreeError(f"tree: commit {commit[:12]} cannot be read from the mirror: "
                             f"{_clean(e)}") from None
         self._index: dict[str, pygit2.Object] | None = None
+        self._sizes: dict[str, int] = {}  # a blob's size, read by check() for the total
 
     def check(self) -> None:
         """Walk the whole tree once: names, submodules, counts, sizes; index every path.
@@ -508,6 +509,7 @@ class TreeReader:
 
     def _check(self) -> None:
         index: dict[str, pygit2.Object] = {}
+        sizes: dict[str, int] = {}
         count = 0
         total = 0
         stack = [("", self.tree, 1)]
@@ -537,11 +539,13 @@ class TreeReader:
                 if mode == pygit2.GIT_FILEMODE_TREE:
                     stack.append((path + "/", entry, depth + 1))
                     continue
-                total += self.repo.odb.read_header(entry.id)[1] if mode in _BLOB_MODES else 0
+                if mode in _BLOB_MODES:
+                    sizes[path] = size = self.repo.odb.read_header(entry.id)[1]
+                    total += size
                 if total > self.limits.max_total_size:
                     raise TreeError(f"tree: commit {self.commit[:12]} holds more than "
                                     f"{self.limits.max_total_size} bytes (limits.max_total_size)")
-        self._index = index
+        self._index, self._sizes = index, sizes
 
     def _entry(self, path: str) -> pygit2.Object | None:
         parts = path.split("/")
@@ -549,6 +553,9 @@ class TreeReader:
             raise TreeError(f"{path!r} escapes the repository or is not a clean relative path")
         self.check()
         assert self._index is not None
+        node = self._index.get(path)
+        if node is not None and node.filemode != pygit2.GIT_FILEMODE_LINK:
+            return node  # indexed, so every directory on its way is a tree, not a link
         for i in range(1, len(parts) + 1):
             here = "/".join(parts[:i])
             node = self._index.get(here)
@@ -573,7 +580,9 @@ class TreeReader:
         if isinstance(node, pygit2.Tree):
             raise TreeError(f"{path} is a directory, not a file")
         try:
-            size = self.repo.odb.read_header(node.id)[1]
+            size = self._sizes.get(path)
+            if size is None:
+                size = self.repo.odb.read_header(node.id)[1]
             if size > self.limits.max_blob_size:
                 raise TreeError(f"{path} is {size} bytes, over the limit of "
                                 f"{self.limits.max_blob_size} (limits.max_blob_size)")

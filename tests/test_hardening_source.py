@@ -115,3 +115,33 @@ def test_a_mirror_that_is_a_regular_file_is_healed(served):
     shutil.rmtree(served["state"] / "mirror.git")
     (served["state"] / "mirror.git").write_text("not a repository\n")
     _heals(served)
+
+
+def test_the_tree_reader_refuses_symlinks_and_big_blobs_on_every_path(tmp_path):
+    """TreeReader.read after check(): the sizes and the index check() built answer, and
+    a symlink is refused whether it is the file read or a directory on its way."""
+    from agent.config import LimitsConfig
+    from agent.errors import TreeError
+    from agent.source import open_repo
+
+    fleet = Fleet(tmp_path, files={"files/a/ok.conf": "ok\n", "files/big.bin": "x" * 5000,
+                                   "files/real/in.conf": "in\n"})
+    (fleet.work / "files/link.conf").symlink_to("/etc/shadow")
+    (fleet.work / "files/dirlink").symlink_to("real")
+    commit = fleet.commit("links")
+    tree = open_repo(str(fleet.work)).tree(commit, LimitsConfig(max_blob_size=4096))
+    tree.check()
+    assert tree.read("files/a/ok.conf") == b"ok\n"
+    assert tree.read("files/real/in.conf") == b"in\n"
+    for path, said in [
+            ("files/big.bin", "files/big.bin is 5000 bytes, over the limit of 4096"),
+            ("files/link.conf", "files/link.conf is a symlink in the repository"),
+            ("files/dirlink/in.conf", "files/dirlink is a symlink in the repository"),
+            ("files/a", "files/a is a directory, not a file"),
+            ("files/nope.conf", "files/nope.conf does not exist in commit"),
+            ("files/../x", "escapes the repository"),
+            ("/files/a/ok.conf", "escapes the repository")]:
+        with pytest.raises(TreeError, match=said.replace(".", r"\.")):
+            tree.read(path)
+    assert tree.is_file("files/a/ok.conf") and not tree.is_file("files/a")
+    assert not tree.exists("files/a/nope") and tree.exists("files/a")
