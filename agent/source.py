@@ -491,7 +491,7 @@ class TreeReader:
             raise TreeError(f"tree: commit {commit[:12]} cannot be read from the mirror: "
                             f"{_clean(e)}") from None
         self._index: dict[str, pygit2.Object] | None = None
-        self._sizes: dict[str, int] = {}  # a blob's size, read by check() for the total
+        self._sizes: dict[str, int] = {}  # each blob's size, by path (check())
 
     def check(self) -> None:
         """Walk the whole tree once: names, submodules, counts, sizes; index every path.
@@ -580,9 +580,7 @@ class TreeReader:
         if isinstance(node, pygit2.Tree):
             raise TreeError(f"{path} is a directory, not a file")
         try:
-            size = self._sizes.get(path)
-            if size is None:
-                size = self.repo.odb.read_header(node.id)[1]
+            size = self._sizes[path]  # every blob's, read by check() for the total
             if size > self.limits.max_blob_size:
                 raise TreeError(f"{path} is {size} bytes, over the limit of "
                                 f"{self.limits.max_blob_size} (limits.max_blob_size)")
